@@ -1,0 +1,313 @@
+"""The one configuration file: models, the self-hosted cluster, providers and the router itself.
+
+The file is YAML (``--config FILE`` or ``OPENWEIGHT_CONFIG``); any field can be overridden from the
+environment with the ``OPENWEIGHT_`` prefix and ``__`` between nested keys, e.g.
+``OPENWEIGHT_ROUTER__PORT=9000`` or ``OPENWEIGHT_CLUSTER__URL=http://ray-head:8000/v1``.
+
+Secrets are never part of the file: providers name the environment variable that holds their key
+(``api_key_env``) and client keys come from a file or an environment variable.
+
+The cluster side (``cluster.config``) reads the same file; each model's ``serve`` block is validated
+there, so that the router does not depend on Ray or vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Self
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CLUSTER = "cluster"
+"""The upstream name of the self-hosted cluster (metrics labels, ``x-openweight-upstream``)."""
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names every bad key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Policy(StrEnum):
+    """How a model's requests are routed between the cluster and its provider fallbacks."""
+
+    SELF_HOSTED_FIRST = "self_hosted_first"
+    SELF_HOSTED_ONLY = "self_hosted_only"
+    PROVIDER_FIRST = "provider_first"
+    PROVIDER_ONLY = "provider_only"
+    SPILLOVER = "spillover"
+
+
+class CircuitConfig(_Strict):
+    """Circuit breaker of one upstream."""
+
+    failure_threshold: int = Field(5, ge=1, description="Consecutive failures that open the circuit.")
+    reset_timeout_s: float = Field(
+        15.0, gt=0, description="Seconds an open circuit waits before letting one trial request through."
+    )
+    success_threshold: int = Field(
+        1, ge=1, description="Successful trial requests in half-open state that close the circuit."
+    )
+
+
+class UpstreamConfig(_Strict):
+    """Fields shared by the cluster and every provider."""
+
+    url: str = Field(description="Base URL of the OpenAI-compatible API, including the /v1 suffix.")
+    connect_timeout_s: float = Field(2.0, gt=0, description="Seconds to establish a connection.")
+    first_byte_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds from sending the request to the first body byte; past it the router falls back.",
+    )
+    read_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds allowed between two chunks once a response is streaming."
+    )
+    max_connections: int = Field(512, ge=1, description="Connection pool size towards this upstream.")
+    circuit: CircuitConfig = Field(default_factory=CircuitConfig, description="Circuit breaker settings.")
+    probe: bool = Field(True, description="Probe GET {url}/models in the background to feed the circuit.")
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return url.rstrip("/")
+
+
+class ClusterConfig(UpstreamConfig):
+    """The self-hosted Ray Serve cluster (its OpenAI ingress)."""
+
+    url: str = Field(
+        "http://127.0.0.1:8100/v1", description="Base URL of the Ray Serve OpenAI ingress, with /v1."
+    )
+    request_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Sent as x-request-timeout-seconds so a Serve proxy with no schedulable replica "
+        "answers 408 instead of hanging.",
+    )
+    max_in_flight: int | None = Field(
+        None, ge=1, description="In-flight requests above which `spillover` models go to providers."
+    )
+    enabled: bool = Field(True, description="False when no self-hosted cluster exists (providers only).")
+
+
+class ProviderConfig(UpstreamConfig):
+    """An external OpenAI-compatible inference provider."""
+
+    api_key_env: str | None = Field(
+        None,
+        description="Environment variable holding the provider's API key. A provider whose variable "
+        "is named but unset is inactive: it is never called.",
+    )
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra headers sent to this provider.")
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+    @property
+    def active(self) -> bool:
+        return self.api_key_env is None or bool(self.api_key())
+
+
+class Fallback(_Strict):
+    """One provider that serves the same model, under the provider's own model id."""
+
+    provider: str = Field(description="Key of an entry under `providers`.")
+    model: str = Field(description="The provider's id for this model.")
+
+
+class ModelConfig(_Strict):
+    """A model clients can ask for by its public name."""
+
+    policy: Policy = Field(Policy.SELF_HOSTED_FIRST, description="Routing policy.")
+    fallbacks: list[Fallback] = Field(default_factory=list, description="Providers, in the order tried.")
+    cluster_model: str | None = Field(
+        None, description="The model id on the cluster; defaults to the public name."
+    )
+    spillover_in_flight: int | None = Field(
+        None, ge=1, description="For `spillover`: in-flight requests of this model above which providers "
+        "take new requests (defaults to cluster.max_in_flight).",
+    )
+    serve: dict[str, Any] | None = Field(
+        None, description="How the cluster hosts this model; validated by the cluster side."
+    )
+
+
+class RetryConfig(_Strict):
+    """Retries of one upstream (tenacity, exponential backoff with jitter).
+
+    Only the last target of a request is retried: while another target remains, moving on to it
+    is faster than backing off.
+    """
+
+    max_attempts: int = Field(3, ge=1, description="Attempts on the last remaining upstream.")
+    backoff_initial_s: float = Field(0.1, ge=0, description="First backoff in seconds.")
+    backoff_max_s: float = Field(2.0, ge=0, description="Largest backoff in seconds.")
+    max_retry_after_s: float = Field(
+        5.0, ge=0, description="Longest upstream Retry-After the router waits out instead of failing."
+    )
+
+
+class RateLimit(_Strict):
+    """A token bucket: `requests_per_minute`, bursting up to `burst`."""
+
+    requests_per_minute: float = Field(gt=0)
+    burst: int | None = Field(None, ge=1, description="Defaults to requests_per_minute (at least 1).")
+
+
+class ApiKey(_Strict):
+    """A client key as stored in the keys file: only its SHA-256 is kept."""
+
+    name: str = Field(description="Who holds the key (logs and error messages use this, never the key).")
+    sha256: str | None = Field(None, description="Hex SHA-256 of the key (preferred).")
+    key: str | None = Field(None, description="The key in clear; hashed at load and then forgotten.")
+    models: list[str] | None = Field(None, description="Public model names allowed; all when absent.")
+    rate_limit: RateLimit | None = Field(None, description="Per-key request rate.")
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> Self:
+        if (self.sha256 is None) == (self.key is None):
+            raise ValueError("give exactly one of `sha256` or `key`")
+        if self.sha256 is not None and (
+            len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256.lower())
+        ):
+            raise ValueError("`sha256` must be 64 hex digits")
+        return self
+
+
+class AuthConfig(_Strict):
+    """Client authentication."""
+
+    keys_file: Path | None = Field(None, description="YAML file with a list of `ApiKey` entries.")
+    keys_env: str = Field(
+        "OPENWEIGHT_API_KEYS", description="Environment variable with comma-separated client keys."
+    )
+    insecure_no_auth: bool = Field(
+        False, description="Serve without keys on a non-loopback address (never do this in production)."
+    )
+
+
+class RouterConfig(_Strict):
+    """The router process."""
+
+    host: str = Field("127.0.0.1", description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
+    deadline_s: float = Field(
+        120.0, gt=0, description="Total time for all attempts of one request before its first byte."
+    )
+    shutdown_grace_s: float = Field(30.0, ge=0, description="Time in-flight requests get on SIGTERM.")
+    probe_interval_s: float = Field(5.0, gt=0, description="Seconds between health probes.")
+    retry: RetryConfig = Field(default_factory=RetryConfig, description="Retries of one upstream.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="Client authentication.")
+
+
+class Settings(BaseSettings):
+    """The whole file. Load it with :func:`load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="OPENWEIGHT_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    router: RouterConfig = Field(default_factory=RouterConfig, description="The router process.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="The self-hosted cluster.")
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict, description="Providers by name.")
+    models: dict[str, ModelConfig] = Field(description="Models by public name.")
+
+    @model_validator(mode="after")
+    def _references(self) -> Self:
+        problems = []
+        if CLUSTER in self.providers:
+            problems.append(f"providers.{CLUSTER}: the name is reserved for the self-hosted cluster")
+        if not self.models:
+            problems.append("models: at least one model is required")
+        for name, model in self.models.items():
+            for i, fallback in enumerate(model.fallbacks):
+                if fallback.provider not in self.providers:
+                    problems.append(
+                        f"models.{name}.fallbacks.{i}.provider: unknown provider {fallback.provider!r}"
+                    )
+            needs_provider = model.policy in (Policy.PROVIDER_FIRST, Policy.PROVIDER_ONLY, Policy.SPILLOVER)
+            if needs_provider and not model.fallbacks:
+                problems.append(f"models.{name}.policy: {model.policy.value} needs at least one fallback")
+            needs_cluster = model.policy is not Policy.PROVIDER_ONLY
+            if needs_cluster and not self.cluster.enabled:
+                problems.append(
+                    f"models.{name}.policy: {model.policy.value} needs the cluster, which is disabled"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file arrives as init arguments; the environment overrides it.
+        return (env_settings, init_settings)
+
+    def cluster_model_id(self, public_name: str) -> str:
+        return self.models[public_name].cluster_model or public_name
+
+    def redacted(self) -> dict[str, Any]:
+        """The resolved config as plain data, with no secret in it (for `check-config`)."""
+        data = self.model_dump(mode="json")
+        for name, provider in self.providers.items():
+            if provider.api_key_env:
+                state = "set" if provider.api_key() else "unset: provider inactive"
+                data["providers"][name]["api_key_env"] = f"{provider.api_key_env} ({state})"
+            data["providers"][name]["headers"] = dict.fromkeys(provider.headers, "<redacted>")
+        return data
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<file>"
+        lines.append(f"{key}: {item['msg']}")
+    return "\n".join(lines)
+
+
+def config_path(path: str | os.PathLike[str] | None) -> Path:
+    """The config file to read: the argument, else ``OPENWEIGHT_CONFIG``."""
+    chosen = path or os.environ.get("OPENWEIGHT_CONFIG")
+    if not chosen:
+        raise ConfigError("no config file: pass --config FILE or set OPENWEIGHT_CONFIG")
+    return Path(chosen)
+
+
+def read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """The raw mapping in the YAML file (before validation)."""
+    file = config_path(path)
+    try:
+        raw = yaml.safe_load(file.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{file}: the top level must be a mapping")
+    return raw
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
+    """Read, validate and return the config; raise :class:`ConfigError` naming each bad key."""
+    raw = read_config_file(path)
+    raw.update(overrides)
+    try:
+        return Settings(**raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
