@@ -1,0 +1,397 @@
+"""A scripted fake OpenAI-compatible server, for tests and the benchmark.
+
+It stands in for external providers and, in router tests, for the cluster: a pure ASGI app served
+by uvicorn on 127.0.0.1, in a background thread with its own event loop::
+
+    with FakeUpstream("cluster") as fake:
+        fake.script(Behavior(status=503, headers={"retry-after": "1"}), Behavior(cut_after=2))
+        ...  # the first inference request gets a 503, the second a stream cut after two chunks
+        assert fake.requests[0].body["model"] == "m"
+
+Every answer looks like OpenAI's, streams included (one ASGI body message per SSE event, so
+delivery is incremental). ``python -m router.testing --port N`` runs it in the foreground.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import uvicorn
+
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+PROMPT_TOKENS = 7
+"""``usage.prompt_tokens`` of every answer."""
+
+_ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "text", "/v1/embeddings": "embed"}
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 408: "timeout", 413: "invalid_request_error",
+                429: "rate_limit_exceeded"}
+
+
+@dataclass(frozen=True)
+class Behavior:
+    """How the fake answers one inference request.
+
+    A non-stream answer waits ``delay_before_headers_s`` plus ``chunks * chunk_delay_s`` (its
+    generation time); a stream waits ``delay_before_headers_s`` and then ``chunk_delay_s`` before
+    each content chunk.
+    """
+
+    status: int = 200
+    headers: Mapping[str, str] = field(default_factory=dict)
+    """Extra response headers, e.g. ``Retry-After``."""
+    body: bytes | None = None
+    """Raw body sent instead of the generated answer; default for non-200: an OpenAI error JSON."""
+    delay_before_headers_s: float = 0.0
+    chunks: int = 5
+    """Content chunks (``"tok0 "``, ``"tok1 "``, ...); also ``usage.completion_tokens``."""
+    chunk_delay_s: float = 0.0
+    cut_after: int | None = None
+    """Stream only: abort the connection after this many content chunks (no clean end)."""
+    omit_done: bool = False
+    """Stream only: end the body cleanly but without ``data: [DONE]``."""
+    hang: bool = False
+    """Never send headers, until the client goes away."""
+
+
+@dataclass
+class Received:
+    """One request to an inference endpoint, as the fake saw it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    """Lowercased names; a repeated header keeps its last value."""
+    raw: bytes
+    body: Any
+    """The parsed JSON body, or ``raw`` when it is not JSON."""
+    stream: bool
+    completed: bool = False
+    """The whole answer was sent."""
+    disconnected: bool = False
+    """The client went away before the answer was complete."""
+
+
+class _Cut(Exception):
+    """Raised inside the app to make uvicorn drop the connection."""
+
+
+class _QuietCuts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], _Cut))
+
+
+_QUIET_CUTS = _QuietCuts()
+
+
+def _error(status: int, message: str) -> bytes:
+    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    error = {"message": message, "type": kind, "param": None, "code": None}
+    return json.dumps({"error": error}).encode()
+
+
+def _headers(content_type: str, extra: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
+    headers = {"content-type": content_type, **{k.lower(): v for k, v in extra.items()}}
+    return [(k.encode(), v.encode()) for k, v in headers.items()]
+
+
+async def _send_body(send: Send, status: int, body: bytes, headers: Mapping[str, str] = {}) -> None:
+    raw = [*_headers("application/json", headers), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive: Receive) -> bytes:
+    parts = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Cut("client left while sending the body")
+        parts.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(parts)
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class FakeUpstream:
+    """A fake OpenAI-compatible server on ``127.0.0.1``; a context manager that starts and stops it.
+
+    Inference requests take the next scripted :class:`Behavior` (``default`` when none is left)
+    and are recorded in ``requests``. ``GET /v1/models`` lists ``models`` with status
+    ``models_status`` and counts ``probes``.
+    """
+
+    def __init__(
+        self,
+        name: str = "fake",
+        *,
+        default: Behavior = Behavior(),
+        port: int = 0,
+        models: Sequence[str] = ("fake-model",),
+    ) -> None:
+        self.name = name
+        self.default = default
+        self.models = list(models)
+        self.models_status = 200
+        self.probes = 0
+        self.requests: list[Received] = []
+        self.port = port
+        self._script: collections.deque[Behavior] = collections.deque()
+        self._disconnects = 0
+        self._acknowledged = 0
+        self._cond = threading.Condition()
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing: asyncio.Event | None = None
+
+    @property
+    def url(self) -> str:
+        """Base URL with the ``/v1`` suffix."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def script(self, *behaviors: Behavior) -> None:
+        """Queue behaviours, consumed one per inference request."""
+        self._script.extend(behaviors)
+
+    def wait_for_disconnect(self, timeout: float) -> bool:
+        """Wait until a client abandons a stream or pending request; each abandonment counts once."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._disconnects > self._acknowledged, timeout):
+                return False
+            self._acknowledged += 1
+            return True
+
+    def start(self) -> None:
+        """Serve in a background thread; return once the port is bound."""
+        logging.getLogger("uvicorn.error").addFilter(_QUIET_CUTS)
+        config = uvicorn.Config(self, host="127.0.0.1", port=self.port, lifespan="off",
+                                log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+        self._server = server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._run, name=f"fake-{self.name}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"fake upstream {self.name} did not start on port {self.port}")
+            time.sleep(0.002)
+        self.port = server.servers[0].sockets[0].getsockname()[1]
+
+    def stop(self) -> None:
+        """Release pending requests, stop serving and join the thread."""
+        if self._server is None or self._thread is None:
+            return
+        if self._loop is not None and self._closing is not None:
+            self._loop.call_soon_threadsafe(self._closing.set)
+        self._server.should_exit = True
+        self._thread.join(10)
+        self._server = self._thread = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        try:
+            import uvloop
+            factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+        except ImportError:  # pragma: no cover
+            factory = None
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(self._serve())
+
+    async def _serve(self) -> None:
+        assert self._server is not None
+        self._loop = asyncio.get_running_loop()
+        self._closing = asyncio.Event()
+        await self._server.serve()  # uvicorn installs no signal handlers outside the main thread
+
+    def _note_disconnect(self, received: Received) -> None:
+        received.disconnected = True
+        with self._cond:
+            self._disconnects += 1
+            self._cond.notify_all()
+
+    async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if path == "/v1/models" and method == "GET":
+            self.probes += 1
+            data = [{"id": m, "object": "model", "created": 0, "owned_by": self.name} for m in self.models]
+            ok = self.models_status == 200
+            body = json.dumps({"object": "list", "data": data}).encode() if ok else _error(
+                self.models_status, f"{self.name}: models unavailable")
+            await _send_body(send, self.models_status, body)
+            return
+        kind = _ENDPOINTS.get(path)
+        if kind is None or method != "POST":
+            status = 404 if kind is None else 405
+            await _send_body(send, status, _error(status, f"{method} {path} is not served here"))
+            return
+        await self._inference(kind, scope, receive, send)
+
+    async def _inference(self, kind: str, scope: Message, receive: Receive, send: Send) -> None:
+        raw = await _read_body(receive)
+        try:
+            body: Any = json.loads(raw)
+        except ValueError:
+            body = raw
+        request = body if isinstance(body, dict) else {}
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        stream = kind != "embed" and request.get("stream") is True
+        received = Received(scope["method"], scope["path"], headers, raw, body, stream)
+        self.requests.append(received)
+        behavior = self._script.popleft() if self._script else self.default
+        assert self._closing is not None
+        answer = asyncio.create_task(self._answer(kind, behavior, request, received, send))
+        gone = asyncio.create_task(_wait_disconnect(receive))
+        closing = asyncio.create_task(self._closing.wait())
+        try:
+            await asyncio.wait((answer, gone, closing), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            answer.cancel()
+            raise
+        finally:
+            gone.cancel()
+            closing.cancel()
+        if answer.done():
+            answer.result()  # a _Cut propagates to uvicorn, which then drops the connection
+            return
+        answer.cancel()
+        if gone.done() and not received.completed:
+            self._note_disconnect(received)
+            return
+        raise _Cut(f"fake upstream {self.name} stopping")
+
+    async def _answer(self, kind: str, behavior: Behavior, request: dict[str, Any], received: Received,
+                      send: Send) -> None:
+        if behavior.hang:
+            await asyncio.Future()
+        if behavior.delay_before_headers_s:
+            await asyncio.sleep(behavior.delay_before_headers_s)
+        if behavior.body is not None or behavior.status != 200:
+            body = behavior.body or _error(behavior.status, f"{self.name}: scripted {behavior.status}")
+            received.completed = True
+            await _send_body(send, behavior.status, body, behavior.headers)
+        elif received.stream:
+            await self._stream(kind, behavior, request, received, send)
+        else:
+            if behavior.chunk_delay_s:
+                await asyncio.sleep(behavior.chunk_delay_s * behavior.chunks)
+            received.completed = True
+            await _send_body(send, 200, self._complete(kind, behavior, request), behavior.headers)
+
+    def _complete(self, kind: str, behavior: Behavior, request: dict[str, Any]) -> bytes:
+        model, n = request.get("model", "fake-model"), len(self.requests)
+        if kind == "embed":
+            inputs = request.get("input")
+            batch = isinstance(inputs, list) and bool(inputs) and not isinstance(inputs[0], int)
+            count = len(inputs) if batch and isinstance(inputs, list) else 1
+            data = [{"object": "embedding", "index": i, "embedding": [0.125 * (i + 1), -0.5, 0.25, 1.0]}
+                    for i in range(count)]
+            usage: dict[str, int] = {"prompt_tokens": PROMPT_TOKENS, "total_tokens": PROMPT_TOKENS}
+            return json.dumps({"object": "list", "data": data, "model": model, "usage": usage}).encode()
+        text = "".join(f"tok{i} " for i in range(behavior.chunks))
+        usage = _usage(behavior.chunks)
+        if kind == "chat":
+            message = {"role": "assistant", "content": text}
+            choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None,
+                                      "finish_reason": "stop"}
+            head = {"id": f"chatcmpl-{self.name}-{n}", "object": "chat.completion"}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}
+            head = {"id": f"cmpl-{self.name}-{n}", "object": "text_completion"}
+        answer = {**head, "created": int(time.time()), "model": model, "choices": [choice], "usage": usage}
+        return json.dumps(answer).encode()
+
+    async def _stream(self, kind: str, behavior: Behavior, request: dict[str, Any], received: Received,
+                      send: Send) -> None:
+        options = request.get("stream_options")
+        usage = isinstance(options, dict) and options.get("include_usage") is True
+        chat = kind == "chat"
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{self.name}-{len(self.requests)}",
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": request.get("model", "fake-model")}
+        prefix = b"data: " + json.dumps(head)[:-1].encode() + b', "choices": ['
+        tail = b'], "usage": null}\n\n' if usage else b"]}\n\n"
+
+        def event(text: str | None, finish: str | None = None, first: bool = False) -> bytes:
+            if not chat:
+                choice: dict[str, Any] = {"index": 0, "text": text or "", "logprobs": None}
+            elif finish:
+                choice = {"index": 0, "delta": {}, "logprobs": None}
+            else:
+                choice = {"index": 0, "delta": {"role": "assistant", "content": text} if first
+                          else {"content": text}, "logprobs": None}
+            choice["finish_reason"] = finish
+            return prefix + json.dumps(choice).encode() + tail
+
+        headers = [*_headers("text/event-stream", behavior.headers), (b"cache-control", b"no-cache")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for i in range(behavior.chunks):
+            if behavior.cut_after is not None and i >= behavior.cut_after:
+                raise _Cut("scripted cut")
+            if behavior.chunk_delay_s:
+                await asyncio.sleep(behavior.chunk_delay_s)
+            await send({"type": "http.response.body", "body": event(f"tok{i} ", first=i == 0),
+                        "more_body": True})
+        if behavior.cut_after is not None:
+            raise _Cut("scripted cut")
+        end = [event(None, finish="stop")]
+        if usage:
+            end.append(prefix + b'], "usage": ' + json.dumps(_usage(behavior.chunks)).encode() + b"}\n\n")
+        if not behavior.omit_done:
+            end.append(b"data: [DONE]\n\n")
+        for part in end[:-1]:
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        received.completed = True
+        await send({"type": "http.response.body", "body": end[-1]})
+
+
+def _usage(completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion_tokens,
+            "total_tokens": PROMPT_TOKENS + completion_tokens}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve a fake upstream in the foreground until SIGTERM or Ctrl-C; print its URL first."""
+    parser = argparse.ArgumentParser(prog="python -m router.testing", description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free port)")
+    parser.add_argument("--chunks", type=int, default=5, help="content chunks per answer")
+    parser.add_argument("--chunk-delay-s", type=float, default=0.0, help="seconds before each chunk")
+    parser.add_argument("--model", action="append", help="model id listed by /v1/models (repeatable)")
+    args = parser.parse_args(argv)
+    default = Behavior(chunks=args.chunks, chunk_delay_s=args.chunk_delay_s)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    with FakeUpstream("fake", default=default, port=args.port, models=args.model or ("fake-model",)) as fake:
+        print(fake.url, flush=True)
+        done.wait()
+
+
+if __name__ == "__main__":
+    main()
