@@ -1,0 +1,170 @@
+"""Wiring: :func:`create_app` builds every component from the settings and returns the ASGI app.
+
+The app is plain ASGI (no framework) so streams pass through untouched. The edge gives every
+request an id, routes it, and renders any error as OpenAI-format JSON; an unexpected exception
+becomes a logged 500 with no detail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+
+from router.auth import KeyStore, RateLimiter
+from router.dispatch import Dispatcher
+from router.endpoints import Endpoints, Receive, Request, Scope, Send
+from router.errors import MethodNotAllowed, NotFound, OpenWeightError
+from router.health import Health, UpstreamHealth
+from router.metrics import Metrics
+from router.schemas import Endpoint
+from router.settings import CLUSTER, Settings, UpstreamConfig
+from router.upstreams.base import Upstream
+from router.upstreams.http import cluster_upstream, provider_upstream
+
+log = logging.getLogger("openweight.router")
+
+Handler = Callable[[Request], Awaitable[None]]
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+
+
+def build_upstreams(settings: Settings) -> dict[str, Upstream]:
+    """The cluster (when enabled) and every active provider."""
+    upstreams: dict[str, Upstream] = {}
+    if settings.cluster.enabled:
+        upstreams[CLUSTER] = cluster_upstream(settings.cluster)
+    for name, provider in settings.providers.items():
+        if provider.active:
+            upstreams[name] = provider_upstream(name, provider)
+    return upstreams
+
+
+class RouterApp:
+    """The ASGI application: routes, lifespan (prober, connection pools) and error rendering."""
+
+    def __init__(self, settings: Settings, endpoints: Endpoints, upstreams: Mapping[str, Upstream]) -> None:
+        self.settings = settings
+        self.endpoints = endpoints
+        self.upstreams = upstreams
+        e = endpoints
+        self.routes: dict[str, dict[str, Handler]] = {
+            "/v1/chat/completions": {"POST": lambda r: e.inference(r, Endpoint.CHAT)},
+            "/v1/completions": {"POST": lambda r: e.inference(r, Endpoint.COMPLETIONS)},
+            "/v1/embeddings": {"POST": lambda r: e.inference(r, Endpoint.EMBEDDINGS)},
+            "/v1/models": {"GET": e.models},
+            "/healthz": {"GET": e.healthz},
+            "/readyz": {"GET": e.readyz},
+            "/metrics": {"GET": e.metrics_endpoint},
+        }
+        self._prober: asyncio.Task[None] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive, send, _request_id(scope))
+        try:
+            methods = self.routes.get(scope["path"].rstrip("/") or "/")
+            if methods is None:
+                raise NotFound(f"no route {scope['path']!r}; see /v1/models")
+            handler = methods.get(scope["method"])
+            if handler is None:
+                allowed = ", ".join(methods)
+                raise MethodNotAllowed(
+                    f"method {scope['method']} is not allowed here (allowed: {allowed})",
+                    headers={"allow": allowed},
+                )
+            await handler(request)
+        except OpenWeightError as error:
+            if not request.started_response:
+                await request.respond_error(error)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("request %s: unexpected error", request.request_id)
+            if not request.started_response:
+                await request.respond_error(OpenWeightError("internal error in the router"))
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.startup()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def startup(self) -> None:
+        """Probe once before serving (so readiness is known), then keep probing."""
+        probed = {
+            name: up for name, up in self.upstreams.items() if upstream_config(self.settings, name).probe
+        }
+        health = self.endpoints.health
+        health.publish()
+        if probed:
+            await health.probe_once(probed)
+            self._prober = asyncio.create_task(
+                health.probe_forever(probed, self.settings.router.probe_interval_s)
+            )
+
+    async def shutdown(self) -> None:
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prober
+        await asyncio.gather(*(up.aclose() for up in self.upstreams.values()))
+
+
+def _request_id(scope: Scope) -> str:
+    for key, value in scope["headers"]:
+        if key == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if _REQUEST_ID.fullmatch(candidate):
+                return str(candidate)
+            break
+    return uuid.uuid4().hex
+
+
+def create_app(
+    settings: Settings,
+    *,
+    keys: KeyStore | None = None,
+    metrics: Metrics | None = None,
+    upstreams: Mapping[str, Upstream] | None = None,
+    clock: Callable[[], float] | None = None,
+) -> RouterApp:
+    """Build the router. Every dependency can be passed in; defaults come from `settings`."""
+    metrics = metrics or Metrics()
+    upstreams = dict(upstreams) if upstreams is not None else build_upstreams(settings)
+
+    def on_change(name: str, health: UpstreamHealth) -> None:
+        metrics.circuit.labels(name).set(int(health.state))
+        metrics.up.labels(name).set(1 if health.up else 0)
+
+    clock = clock or time.monotonic
+    health = Health({name: upstream_config(settings, name).circuit for name in upstreams}, clock, on_change)
+    dispatcher = Dispatcher(upstreams, health, settings.router.retry, settings.router.deadline_s, clock)
+    endpoints = Endpoints(
+        settings,
+        keys if keys is not None else KeyStore.from_config(settings.router.auth),
+        RateLimiter(),
+        health,
+        dispatcher,
+        metrics,
+    )
+    return RouterApp(settings, endpoints, upstreams)
+
+
+def upstream_config(settings: Settings, name: str) -> UpstreamConfig:
+    """The configuration of the upstream called `name`."""
+    return settings.cluster if name == CLUSTER else settings.providers[name]

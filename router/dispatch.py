@@ -1,0 +1,217 @@
+"""Dispatch: try a plan's targets in order until one answers.
+
+An answer is *committed* once its status, headers and first body chunk arrived and the status is
+not a fallback trigger; nothing has reached the client before that, so falling back is always safe
+here and never after. Only the last target is retried (tenacity: exponential backoff with jitter,
+Retry-After honoured, all within the request's deadline): while another target remains, moving on is
+faster than backing off.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
+from tenacity.wait import wait_exponential_jitter
+
+from router.errors import UpstreamError, UpstreamUnavailable
+from router.health import Health
+from router.metrics import NONE, RequestObserver
+from router.policy import Plan, Skip, Target
+from router.schemas import ParsedRequest
+from router.settings import CLUSTER, RetryConfig
+from router.upstreams.base import Upstream, UpstreamRequest, UpstreamResponse
+
+
+def outcome_of(status: int) -> str:
+    """The attempt outcome of an upstream HTTP status; only `success`/`client_error` commit."""
+    if status < 400:
+        return "success"
+    if status in (401, 403):
+        return "auth_error"  # our credentials at that upstream, not the client's mistake
+    if status == 408:
+        return "timeout"
+    if status in (429, 503):
+        return "overloaded"
+    if status >= 500:
+        return "server_error"
+    return "client_error"
+
+
+def retry_after_s(headers: Mapping[str, str]) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds form only; dates are ignored)."""
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
+class _Failed(Exception):
+    """One attempt failed with `outcome`; another upstream may do better."""
+
+    def __init__(self, outcome: str, detail: str, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.outcome = outcome
+        self.detail = detail
+        self.retry_after = retry_after
+        self.attempts = 1
+
+
+@dataclass(slots=True)
+class Committed:
+    """The answer the client gets; call :meth:`release` once it has been relayed."""
+
+    target: Target
+    response: UpstreamResponse
+    attempts: int
+    _release: Callable[[], None] | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        if self._release is not None:
+            self._release()
+            self._release = None
+
+
+class Dispatcher:
+    """Runs plans against upstreams, reporting every outcome to health and metrics."""
+
+    def __init__(
+        self,
+        upstreams: Mapping[str, Upstream],
+        health: Health,
+        retry: RetryConfig,
+        deadline_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._upstreams = upstreams
+        self._health = health
+        self._retry = retry
+        self._deadline_s = deadline_s
+        self._clock = clock
+
+    async def dispatch(
+        self, request: ParsedRequest, plan: Plan, request_id: str, observer: RequestObserver
+    ) -> Committed:
+        """The first committed answer of the plan, or :class:`UpstreamUnavailable`."""
+        deadline = self._clock() + self._deadline_s
+        targets = plan.targets
+        pending: list[tuple[str, str]] = []  # (from_upstream, reason) waiting for their `to`
+        failures: list[str] = []
+        retry_hint: float | None = None
+        attempts = 0
+        for step in plan.steps:
+            if isinstance(step, Skip):
+                pending.append((step.target.upstream, step.reason))
+                failures.append(f"{step.target.upstream}: {step.reason.replace('_', ' ')}")
+                continue
+            if self._clock() >= deadline:
+                failures.append(f"{step.upstream}: deadline reached before trying")
+                pending.append((step.upstream, "deadline"))
+                break
+            for from_upstream, reason in pending:
+                observer.fallback(from_upstream, step.upstream, reason)
+            pending.clear()
+            last = step is targets[-1]
+            upstream_request = UpstreamRequest(
+                "POST", request.endpoint.value, request.body_for(step.model_id), request_id, stream=request.stream
+            )
+            tries = self._retry.max_attempts if last else 1
+            try:
+                response, used = await self._with_retries(step, upstream_request, observer, deadline, tries)
+            except _Failed as failed:
+                attempts += failed.attempts
+                pending.append((step.upstream, failed.outcome))
+                failures.append(f"{step.upstream}: {failed.detail}")
+                if failed.retry_after is not None:
+                    retry_hint = failed.retry_after if retry_hint is None else min(retry_hint, failed.retry_after)
+                continue
+            attempts += used
+            return Committed(step, response, attempts, self._in_flight(request.model, step))
+        for from_upstream, reason in pending:
+            observer.fallback(from_upstream, NONE, reason)
+        headers = {"retry-after": str(max(1, round(retry_hint)))} if retry_hint is not None else None
+        reasons = "; ".join(failures) or "no upstream is configured and active"
+        raise UpstreamUnavailable(f"no upstream could serve model {request.model!r} ({reasons})", headers=headers)
+
+    def _in_flight(self, model: str, target: Target) -> Callable[[], None] | None:
+        if target.upstream != CLUSTER:
+            return None
+        self._health.cluster_started(model)
+        return lambda: self._health.cluster_finished(model)
+
+    async def _with_retries(
+        self,
+        target: Target,
+        request: UpstreamRequest,
+        observer: RequestObserver,
+        deadline: float,
+        tries: int,
+    ) -> tuple[UpstreamResponse, int]:
+        retry = self._retry
+        backoff = wait_exponential_jitter(initial=retry.backoff_initial_s, max=retry.backoff_max_s)
+
+        def wait(state: RetryCallState) -> float:
+            failed = state.outcome.exception() if state.outcome else None
+            hint = failed.retry_after if isinstance(failed, _Failed) and failed.retry_after else 0.0
+            return max(backoff(state), hint)
+
+        def retryable(exc: BaseException) -> bool:
+            return (
+                isinstance(exc, _Failed)
+                and exc.outcome != "auth_error"
+                and (exc.retry_after or 0.0) <= retry.max_retry_after_s
+            )
+
+        used = 0
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(tries) | stop_before_delay(max(0.0, deadline - self._clock())),
+            wait=wait,
+            retry=retry_if_exception(retryable),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    used += 1
+                    return await self._attempt(target, request, observer, deadline), used
+        except _Failed as failed:
+            failed.attempts = used
+            raise
+        raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+    async def _attempt(
+        self, target: Target, request: UpstreamRequest, observer: RequestObserver, deadline: float
+    ) -> UpstreamResponse:
+        name = target.upstream
+        if not self._health.acquire(name):
+            observer.attempt(name, "circuit_open")
+            raise _Failed("circuit_open", "circuit open")
+        try:
+            response = await self._upstreams[name].send(request, max(0.001, deadline - self._clock()))
+        except UpstreamError as exc:
+            self._health.failure(name)
+            observer.attempt(name, exc.outcome)
+            raise _Failed(exc.outcome, exc.outcome.replace("_", " ")) from None
+        except BaseException:
+            self._health.release(name)
+            raise
+        outcome = outcome_of(response.status)
+        observer.attempt(name, outcome)
+        if outcome in ("success", "client_error"):
+            self._health.success(name)
+            return response
+        await response.aclose()
+        hint = retry_after_s(response.headers)
+        if outcome == "overloaded" and (hint is not None or response.status == 429):
+            # Back-pressure, not a dead upstream: keep the circuit closed, send nothing until then.
+            self._health.release(name)
+            self._health.defer(name, hint if hint is not None else 1.0)
+        else:
+            self._health.failure(name)
+        raise _Failed(outcome, f"{outcome.replace('_', ' ')} ({response.status})", hint)

@@ -1,0 +1,205 @@
+"""The HTTP endpoints. The inference handler reads as the pipeline:
+auth -> parse -> policy -> dispatch -> relay, with metrics observed throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from router import policy
+from router.auth import KeyStore, RateLimiter
+from router.dispatch import Dispatcher
+from router.errors import (
+    ClientError,
+    ModelNotFound,
+    OpenWeightError,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
+from router.health import Health
+from router.metrics import NONE, Metrics, RequestObserver
+from router.relay import relay
+from router.schemas import Endpoint, ParsedRequest, parse_request
+from router.settings import Settings
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+CLIENT_CLOSED = 499
+"""Status recorded in metrics when the client went away (nothing is sent)."""
+
+
+@dataclass(slots=True)
+class Request:
+    """One HTTP request as the endpoints see it."""
+
+    scope: Scope
+    receive: Receive
+    send: Send
+    request_id: str
+    start: float = field(default_factory=time.perf_counter)
+    started_response: bool = False
+
+    def header(self, name: bytes) -> str | None:
+        for key, value in self.scope["headers"]:
+            if key == name:
+                return str(value.decode("latin-1"))
+        return None
+
+    async def read_body(self, limit: int) -> bytes:
+        """The whole body, refusing more than `limit` bytes (before reading them when declared)."""
+        declared = self.header(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise asyncio.CancelledError  # nobody is left to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(parts)
+
+    async def respond(self, status: int, body: bytes, headers: dict[str, str] | None = None,
+                      content_type: str = "application/json") -> None:
+        raw = [
+            (b"content-type", content_type.encode()),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", self.request_id.encode()),
+        ]
+        raw.extend((k.encode(), v.encode()) for k, v in (headers or {}).items())
+        self.started_response = True
+        await self.send({"type": "http.response.start", "status": status, "headers": raw})
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def respond_json(self, status: int, payload: object) -> None:
+        await self.respond(status, json.dumps(payload).encode())
+
+    async def respond_error(self, error: OpenWeightError) -> None:
+        await self.respond(error.status, error.body(), error.headers)
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class Endpoints:
+    """Every route's handler, built once by :func:`router.app.create_app`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        keys: KeyStore,
+        limiter: RateLimiter,
+        health: Health,
+        dispatcher: Dispatcher,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.keys = keys
+        self.limiter = limiter
+        self.health = health
+        self.dispatcher = dispatcher
+        self.metrics = metrics
+
+    async def inference(self, request: Request, endpoint: Endpoint) -> None:
+        observer: RequestObserver | None = None
+        status = 500
+        try:
+            principal = self.keys.authenticate(request.header(b"authorization"))
+            self.limiter.check(principal)
+            content_type = request.header(b"content-type")
+            if content_type is not None and content_type.split(";")[0].strip().lower() != "application/json":
+                raise UnsupportedMediaType(f"content-type must be application/json, not {content_type!r}")
+            parsed = parse_request(endpoint, await request.read_body(self.settings.router.max_body_bytes))
+            if parsed.model not in self.settings.models:
+                raise ModelNotFound(f"the model {parsed.model!r} does not exist", param="model")
+            principal.check_model(parsed.model)
+            observer = self.metrics.observe(parsed.model)
+            plan = policy.plan(self.settings, parsed.model, self.health.snapshot())
+            observer.add_overhead(time.perf_counter() - request.start)
+            status = await self._serve(request, parsed, plan, observer)
+        except OpenWeightError as error:
+            status = error.status
+            if observer is None and isinstance(error, ClientError):
+                observer = self.metrics.observe(NONE)
+            if not request.started_response:
+                await request.respond_error(error)
+        finally:
+            if observer is not None:
+                observer.finish(status)
+
+    async def _serve(
+        self, request: Request, parsed: ParsedRequest, plan: policy.Plan, observer: RequestObserver
+    ) -> int:
+        """Dispatch and relay, abandoning both (and the upstream request) if the client leaves."""
+
+        async def pump() -> int:
+            committed = await self.dispatcher.dispatch(parsed, plan, request.request_id, observer)
+            observer.upstream = committed.target.upstream
+            request.started_response = True
+            try:
+                return await relay(
+                    request.send, committed, observer, request.request_id,
+                    strip_usage=parsed.stream and not parsed.wants_usage,
+                )
+            finally:
+                committed.release()
+                await committed.response.aclose()
+
+        serving = asyncio.ensure_future(pump())
+        watcher = asyncio.ensure_future(_until_disconnect(request.receive))
+        try:
+            await asyncio.wait((serving, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+            if not serving.done():
+                serving.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await serving
+        if serving.cancelled():
+            return CLIENT_CLOSED
+        return serving.result()
+
+    async def models(self, request: Request) -> None:
+        principal = self.keys.authenticate(request.header(b"authorization"))
+        created = 0
+        data = [
+            {"id": name, "object": "model", "created": created, "owned_by": "openweight"}
+            for name in self.settings.models
+            if principal.models is None or name in principal.models
+        ]
+        await request.respond_json(200, {"object": "list", "data": data})
+
+    async def healthz(self, request: Request) -> None:
+        await request.respond_json(200, {"status": "ok"})
+
+    async def readyz(self, request: Request) -> None:
+        snapshot = self.health.snapshot()
+        unserved = [
+            model
+            for model in self.settings.models
+            if not any(
+                snapshot.upstreams[t.upstream].up for t in policy.candidates(self.settings, model, snapshot)
+            )
+        ]
+        if unserved:
+            await request.respond_json(503, {"status": "not ready", "models_without_upstream": unserved})
+        else:
+            await request.respond_json(200, {"status": "ready"})
+
+    async def metrics_endpoint(self, request: Request) -> None:
+        self.health.publish()
+        await request.respond(200, self.metrics.exposition(), content_type="text/plain; version=0.0.4")

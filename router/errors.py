@@ -1,0 +1,139 @@
+"""The router's exception tree. Each class carries its HTTP status and OpenAI error type.
+
+```
+OpenWeightError                     500 internal_error
+├── ClientError                     4xx: the caller's own mistake, never a fallback trigger
+│   ├── InvalidRequest              400 invalid_request_error
+│   ├── AuthenticationFailed        401 authentication_error
+│   ├── PermissionDenied            403 permission_error
+│   ├── NotFound                    404 invalid_request_error
+│   │   └── ModelNotFound           404 model_not_found
+│   ├── MethodNotAllowed            405
+│   ├── PayloadTooLarge             413
+│   ├── UnsupportedMediaType        415
+│   └── RateLimited                 429 rate_limit_error (Retry-After)
+└── UpstreamError                   an attempt at one upstream failed; the dispatcher may fall back
+    ├── UpstreamConnectError        502 connection refused / reset / DNS
+    ├── UpstreamTimeout             504 connect or first-byte timeout
+    ├── UpstreamProtocolError       502 the upstream broke the HTTP exchange
+    ├── UpstreamUnavailable         503 no upstream left to try (all failed, open or inactive)
+    └── ServiceShuttingDown         503 the router is draining
+```
+Third-party exceptions (httpx) are translated into this tree in exactly one place,
+:func:`router.upstreams.http.map_httpx_errors`.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+class OpenWeightError(Exception):
+    """Base of every error the router renders to a client."""
+
+    status: int = 500
+    type: str = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        """The OpenAI error JSON."""
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
+        return json.dumps({"error": error}).encode()
+
+
+class ClientError(OpenWeightError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class InvalidRequest(ClientError):
+    pass
+
+
+class AuthenticationFailed(ClientError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(ClientError):
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
+class NotFound(ClientError):
+    status = 404
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(ClientError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ClientError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class RateLimited(ClientError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: float):
+        super().__init__(message, headers={"retry-after": str(max(1, round(retry_after_s + 0.5)))})
+
+
+class UpstreamError(OpenWeightError):
+    """One attempt at an upstream failed in a way that another upstream may not."""
+
+    status = 502
+    type = "upstream_error"
+    outcome = "server_error"
+    """The `outcome` label of openweight_upstream_attempts_total and the fallback reason."""
+
+
+class UpstreamConnectError(UpstreamError):
+    code = "upstream_connect_error"
+    outcome = "connect_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+    outcome = "timeout"
+
+
+class UpstreamProtocolError(UpstreamError):
+    code = "upstream_protocol_error"
+    outcome = "protocol_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    status = 503
+    type = "service_unavailable"
+    code = "no_upstream_available"
+    outcome = "unavailable"
+
+
+class ServiceShuttingDown(UpstreamError):
+    status = 503
+    type = "service_unavailable"
+    code = "shutting_down"

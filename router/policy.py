@@ -1,0 +1,90 @@
+"""Route policy: pure and synchronous. Model + health snapshot -> the ordered upstreams to try."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from router.health import CircuitState, HealthSnapshot
+from router.settings import CLUSTER, Policy, Settings
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One upstream to try, and the id it knows the model by."""
+
+    upstream: str
+    model_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    """A target passed over without an attempt, and why (a fallback reason)."""
+
+    target: Target
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Targets in order, interleaved with the ones skipped, so fallbacks can be counted in order."""
+
+    steps: tuple[Target | Skip, ...]
+
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        return tuple(step for step in self.steps if isinstance(step, Target))
+
+
+def candidates(settings: Settings, model: str, snapshot: HealthSnapshot) -> list[Target]:
+    """The model's upstreams in policy order, before health is considered."""
+    config = settings.models[model]
+    cluster = [Target(CLUSTER, settings.cluster_model_id(model))] if settings.cluster.enabled else []
+    providers = [
+        Target(f.provider, f.model) for f in config.fallbacks if settings.providers[f.provider].active
+    ]
+    match config.policy:
+        case Policy.SELF_HOSTED_ONLY:
+            return cluster
+        case Policy.PROVIDER_ONLY:
+            return providers
+        case Policy.PROVIDER_FIRST:
+            return providers + cluster
+        case Policy.SPILLOVER if cluster_overloaded(settings, model, snapshot):
+            return providers + cluster
+        case _:
+            return cluster + providers
+
+
+def cluster_overloaded(settings: Settings, model: str, snapshot: HealthSnapshot) -> bool:
+    """The cluster signalled back-pressure (Retry-After pending) or is past its in-flight limit."""
+    health = snapshot.upstreams.get(CLUSTER)
+    if health is not None and health.deferred:
+        return True
+    model_limit = settings.models[model].spillover_in_flight
+    if model_limit is not None and snapshot.cluster_in_flight_by_model.get(model, 0) >= model_limit:
+        return True
+    limit = settings.cluster.max_in_flight
+    return limit is not None and snapshot.cluster_in_flight >= limit
+
+
+def plan(settings: Settings, model: str, snapshot: HealthSnapshot) -> Plan:
+    """The plan for one request: open circuits and upstreams in Retry-After are skipped.
+
+    An upstream that asked for time (Retry-After) is still tried last when nothing else is left,
+    because a short wait for it beats failing the request; an open circuit never is.
+    """
+    steps: list[Target | Skip] = []
+    deferred: list[Target] = []
+    for target in candidates(settings, model, snapshot):
+        health = snapshot.upstreams[target.upstream]
+        if health.state is CircuitState.OPEN:
+            steps.append(Skip(target, "circuit_open"))
+        elif health.deferred:
+            steps.append(Skip(target, "overloaded"))
+            deferred.append(target)
+        else:
+            steps.append(target)
+    if deferred and not any(isinstance(step, Target) for step in steps):
+        steps = [s for s in steps if not (isinstance(s, Skip) and s.target in deferred)]
+        steps.extend(deferred)
+    return Plan(tuple(steps))

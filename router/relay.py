@@ -1,0 +1,155 @@
+"""Relay a committed upstream answer to the client over ASGI.
+
+Streams go through chunk by chunk. Bytes are only held back up to the end of the current
+server-sent event, so a client never receives half an event; that is also where `[DONE]` and the
+usage chunk are recognised. A stream that breaks, or ends without `[DONE]`, is closed with an
+OpenAI-style error event followed by `data: [DONE]`, never silently truncated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from router.dispatch import Committed
+from router.errors import UpstreamError
+from router.metrics import RequestObserver
+
+log = logging.getLogger("openweight.router")
+
+Send = Any  # the ASGI `send` callable
+
+_DONE = b"[DONE]"
+_EVENT_END = b"\n\n"
+
+
+def usage_of(payload: object) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of a decoded response or chunk that carries `usage`."""
+    if not isinstance(payload, dict):
+        return None
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return (
+        prompt if isinstance(prompt, int) else 0,
+        completion if isinstance(completion, int) else 0,
+    )
+
+
+class SseTracker:
+    """Follows an OpenAI server-sent event stream: whole events out, `[DONE]` and usage noted."""
+
+    __slots__ = ("_pending", "done", "strip_usage", "usage")
+
+    def __init__(self, strip_usage: bool) -> None:
+        self.strip_usage = strip_usage
+        self.usage: tuple[int, int] | None = None
+        self.done = False
+        self._pending = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete events in `chunk` (plus what was held back), ready to forward."""
+        data = self._pending + chunk if self._pending else chunk
+        if b"\r\n" in data:
+            data = data.replace(b"\r\n", b"\n")
+        end = data.rfind(_EVENT_END)
+        if end < 0:
+            self._pending = data
+            return b""
+        end += len(_EVENT_END)
+        complete, self._pending = data[:end], data[end:]
+        if _DONE in complete:
+            self.done = True
+        if b'"usage"' in complete:
+            complete = self._take_usage(complete)
+        return complete
+
+    def _take_usage(self, complete: bytes) -> bytes:
+        kept = []
+        for event in complete.split(_EVENT_END)[:-1]:
+            if b'"usage"' in event and event.startswith(b"data:"):
+                try:
+                    payload = json.loads(event[5:])
+                except ValueError:
+                    payload = None
+                usage = usage_of(payload)
+                if usage is not None:
+                    self.usage = usage
+                    if self.strip_usage and isinstance(payload, dict) and payload.get("choices") == []:
+                        continue  # the usage-only chunk we asked for on the client's behalf
+            kept.append(event + _EVENT_END)
+        return b"".join(kept)
+
+
+def error_event(message: str) -> bytes:
+    """An in-band OpenAI-style error, then the end of the stream."""
+    error = {"message": message, "type": "upstream_error", "param": None, "code": "stream_interrupted"}
+    return b"data: " + json.dumps({"error": error}).encode() + b"\n\ndata: [DONE]\n\n"
+
+
+def response_headers(committed: Committed, request_id: str) -> list[tuple[bytes, bytes]]:
+    upstream = committed.response.headers
+    headers = [
+        (b"content-type", upstream.get("content-type", "application/json").encode("latin-1")),
+        (b"x-openweight-upstream", committed.target.upstream.encode()),
+        (b"x-openweight-attempts", str(committed.attempts).encode()),
+        (b"x-request-id", request_id.encode()),
+    ]
+    if "content-encoding" in upstream:
+        headers.append((b"content-encoding", upstream["content-encoding"].encode("latin-1")))
+    return headers
+
+
+async def relay(
+    send: Send, committed: Committed, observer: RequestObserver, request_id: str, *, strip_usage: bool
+) -> int:
+    """Send the committed answer to the client; returns the status sent."""
+    response = committed.response
+    headers = response_headers(committed, request_id)
+    event_stream = response.status < 300 and response.headers.get("content-type", "").startswith(
+        "text/event-stream"
+    )
+    if not event_stream:
+        body = await response.aread()
+        if response.status < 300 and b'"usage"' in body:
+            try:
+                usage = usage_of(json.loads(body))
+            except ValueError:
+                usage = None
+            if usage is not None:
+                observer.usage(*usage)
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        observer.first_byte()
+        await send({"type": "http.response.body", "body": body})
+        return response.status
+
+    headers.append((b"cache-control", b"no-cache"))
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    tracker = SseTracker(strip_usage)
+    failure: str | None = None
+    out = tracker.feed(response.first_chunk)
+    if out:
+        observer.first_byte()
+        await send({"type": "http.response.body", "body": out, "more_body": True})
+    try:
+        async for chunk in response.aiter_bytes():
+            out = tracker.feed(chunk)
+            if out:
+                observer.first_byte()
+                await send({"type": "http.response.body", "body": out, "more_body": True})
+    except UpstreamError as exc:
+        failure = f"the upstream stream broke: {exc.message}"
+    if failure is None and not tracker.done:
+        failure = f"{committed.target.upstream}: the upstream stream ended without [DONE]"
+    if tracker.usage is not None:
+        observer.usage(*tracker.usage)
+    if failure is not None:
+        log.warning("request %s: %s", request_id, failure)
+        observer.stream_error()
+        await send({"type": "http.response.body", "body": error_event(failure), "more_body": False})
+    else:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    return response.status

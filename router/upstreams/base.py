@@ -1,0 +1,69 @@
+"""The one interface every upstream implements, the cluster and each provider alike.
+
+An upstream takes an :class:`UpstreamRequest` and returns an :class:`UpstreamResponse` whose
+status and headers have arrived; the body follows as an async byte iterator. Failures to get that
+far raise :class:`router.errors.UpstreamError` subclasses, never third-party exceptions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    """An OpenAI API call, ready to send: `path` is relative to the upstream's /v1 base URL."""
+
+    method: str
+    path: str
+    body: bytes | None
+    request_id: str
+    headers: dict[str, str] = field(default_factory=dict)
+    stream: bool = False
+
+
+class UpstreamResponse(Protocol):
+    """A started response: status, headers and the first body chunk have arrived."""
+
+    status: int
+    headers: dict[str, str]
+    first_chunk: bytes
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        """The rest of the body after `first_chunk`, as it arrives.
+
+        Raises UpstreamError if the exchange breaks or a chunk takes longer than the read timeout.
+        """
+        ...
+
+    async def aread(self) -> bytes:
+        """The whole body, `first_chunk` included."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the connection; safe to call more than once."""
+        ...
+
+
+class Upstream(Protocol):
+    """An OpenAI-compatible API: the self-hosted cluster or an external provider."""
+
+    name: str
+
+    async def send(self, request: UpstreamRequest, timeout_s: float) -> UpstreamResponse:
+        """Send `request` (its body already names this upstream's model id).
+
+        Returns once the status, the headers and the first body chunk arrived, within
+        `timeout_s` and the upstream's own connect and first-byte timeouts.
+        """
+        ...
+
+    async def probe(self) -> bool:
+        """Whether the upstream answers its model list now (for the health prober)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close pooled connections."""
+        ...
