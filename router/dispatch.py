@@ -94,6 +94,7 @@ class Dispatcher:
         self._retry = retry
         self._deadline_s = deadline_s
         self._clock = clock
+        self._backoff = wait_exponential_jitter(multiplier=retry.backoff_initial_s, max=retry.backoff_max_s)
 
     async def dispatch(
         self, request: ParsedRequest, plan: Plan, request_id: str, observer: RequestObserver
@@ -154,7 +155,7 @@ class Dispatcher:
         tries: int,
     ) -> tuple[UpstreamResponse, int]:
         retry = self._retry
-        backoff = wait_exponential_jitter(initial=retry.backoff_initial_s, max=retry.backoff_max_s)
+        backoff = self._backoff
 
         def wait(state: RetryCallState) -> float:
             failed = state.outcome.exception() if state.outcome else None

@@ -75,7 +75,10 @@ def plan(settings: Settings, model: str, snapshot: HealthSnapshot) -> Plan:
     """
     steps: list[Target | Skip] = []
     deferred: list[Target] = []
-    for target in candidates(settings, model, snapshot):
+    ordered = candidates(settings, model, snapshot)
+    if len(ordered) > 1 and ordered[-1].upstream == CLUSTER and settings.models[model].policy is Policy.SPILLOVER:
+        steps.append(Skip(ordered[-1], "spillover"))  # counted as a fallback when a provider takes it
+    for target in ordered:
         health = snapshot.upstreams[target.upstream]
         if health.state is CircuitState.OPEN:
             steps.append(Skip(target, "circuit_open"))

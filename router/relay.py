@@ -38,6 +38,17 @@ def usage_of(payload: object) -> tuple[int, int] | None:
     )
 
 
+def _has_usage(data: bytes) -> bool:
+    """Whether `data` holds a `"usage"` key with an object value (most chunks carry `"usage": null`)."""
+    at = data.find(b'"usage"')
+    while at >= 0:
+        value = data[at + 7 : at + 16].lstrip(b" :")
+        if value.startswith(b"{"):
+            return True
+        at = data.find(b'"usage"', at + 7)
+    return False
+
+
 class SseTracker:
     """Follows an OpenAI server-sent event stream: whole events out, `[DONE]` and usage noted."""
 
@@ -62,14 +73,14 @@ class SseTracker:
         complete, self._pending = data[:end], data[end:]
         if _DONE in complete:
             self.done = True
-        if b'"usage"' in complete:
+        if _has_usage(complete):
             complete = self._take_usage(complete)
         return complete
 
     def _take_usage(self, complete: bytes) -> bytes:
         kept = []
         for event in complete.split(_EVENT_END)[:-1]:
-            if b'"usage"' in event and event.startswith(b"data:"):
+            if event.startswith(b"data:") and _has_usage(event):
                 try:
                     payload = json.loads(event[5:])
                 except ValueError:

@@ -1,0 +1,185 @@
+"""The edge of a real router: authentication, rate limits, and every kind of bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from router.auth import KeyStore
+from router.cli import is_loopback
+from router.settings import ApiKey, RateLimit
+from router.testing import FakeUpstream
+from tests.conftest import MODEL, RouterServer, chat, make_settings
+
+KEY = "ow-test-key-1"
+OTHER = "ow-test-key-2"
+
+
+@pytest.fixture
+def keyed(fakes):
+    cluster = fakes("cluster")
+    keys = KeyStore([
+        ApiKey(name="alice", sha256=hashlib.sha256(KEY.encode()).hexdigest()),
+        ApiKey(name="bob", key=OTHER, models=["other"], rate_limit=RateLimit(requests_per_minute=60, burst=2)),
+    ])
+    settings = make_settings(cluster)
+    settings = settings.model_copy(update={"models": {**settings.models, "other": settings.models[MODEL]}})
+    with RouterServer(settings, keys) as router, router.client() as client:
+        yield client, cluster
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "", "Bearer", "Bearer  x y", "Basic dXNlcjpwYXNz", f"Token {KEY}", "Bearer wrong", f"Bearer {KEY}x"],
+)
+def test_requests_without_a_valid_key_are_refused(keyed, authorization):
+    client, cluster = keyed
+    headers = {} if authorization is None else {"authorization": authorization}
+    r = client.post("/v1/chat/completions", json=chat(), headers=headers)
+    assert r.status_code == 401
+    assert r.json()["error"]["type"] == "authentication_error"
+    assert client.get("/v1/models", headers=headers).status_code == 401
+    assert cluster.requests == []
+
+
+def test_a_valid_key_is_served_and_probes_need_none(keyed):
+    client, _ = keyed
+    r = client.post("/v1/chat/completions", json=chat(), headers={"authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert client.get(path).status_code == 200
+
+
+def test_per_key_models_and_rate(keyed):
+    client, _ = keyed
+    bob = {"authorization": f"Bearer {OTHER}"}
+    r = client.post("/v1/chat/completions", json=chat(), headers=bob)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
+    assert [m["id"] for m in client.get("/v1/models", headers=bob).json()["data"]] == ["other"]
+    statuses = [
+        client.post("/v1/chat/completions", json=chat(model="other"), headers=bob).status_code for _ in range(2)
+    ]
+    assert statuses == [200, 429]
+    limited = client.post("/v1/chat/completions", json=chat(model="other"), headers=bob)
+    assert limited.json()["error"]["type"] == "rate_limit_error"
+    assert 1 <= int(limited.headers["retry-after"]) <= 2
+    time.sleep(1.1)
+    assert client.post("/v1/chat/completions", json=chat(model="other"), headers=bob).status_code == 200
+
+
+def test_keys_from_env_and_file(tmp_path, monkeypatch):
+    digest = hashlib.sha256(b"from-file").hexdigest()
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text(f"- name: svc\n  sha256: {digest}\n  models: [m1]\n")
+    monkeypatch.setenv("OW_KEYS", "from-env-1, from-env-2")
+    from router.settings import AuthConfig
+
+    store = KeyStore.from_config(AuthConfig(keys_file=keys_file, keys_env="OW_KEYS"))
+    assert store.authenticate("Bearer from-file").models == frozenset({"m1"})
+    assert store.authenticate("Bearer from-env-2").name == "OW_KEYS[1]"
+    keys_file.write_text("- name: svc\n  sha256: nothex\n")
+    with pytest.raises(Exception, match=r"router.auth.keys_file\[0\]"):
+        KeyStore.from_config(AuthConfig(keys_file=keys_file, keys_env="OW_KEYS"))
+
+
+def test_open_router_refuses_a_non_loopback_address_without_keys(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("models: {m1: {}}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "router.cli", "router", "--config", str(config), "--host", "0.0.0.0"],
+        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 2
+    assert "--insecure-no-auth" in done.stderr
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.1")
+
+
+def _error(r: httpx.Response, status: int) -> dict[str, object]:
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    return error  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def open_router(fakes):
+    cluster = fakes("cluster")
+    with RouterServer(make_settings(cluster, router={"max_body_bytes": 2048})) as router, router.client() as c:
+        yield c, cluster
+
+
+def test_bad_bodies(open_router):
+    client, cluster = open_router
+    post = lambda content, **kw: client.post("/v1/chat/completions", content=content, **kw)  # noqa: E731
+    json_type = {"content-type": "application/json"}
+    assert "not valid JSON" in str(_error(post(b"{nope", headers=json_type), 400)["message"])
+    assert "UTF-8" in str(_error(post(b'{"model": "\xff"}', headers=json_type), 400)["message"])
+    _error(post(b"", headers=json_type), 400)
+    _error(post(b"[1, 2]", headers=json_type), 400)
+    assert _error(post(b'{"messages": []}', headers=json_type), 400)["param"] == "model"
+    assert _error(post(b'{"model": 5}', headers=json_type), 400)["param"] == "model"
+    assert _error(post(b'{"model": "m1", "stream": "yes"}', headers=json_type), 400)["param"] == "stream"
+    assert _error(post(b'{"model": "nope"}', headers=json_type), 404)["code"] == "model_not_found"
+    _error(post(b'{"model": "m1"}', headers={"content-type": "text/plain"}), 415)
+    _error(post(b'{"model": "m1"}', headers={"content-type": "application/x-www-form-urlencoded"}), 415)
+    big = json.dumps(chat(pad="x" * 4096)).encode()
+    _error(post(big, headers=json_type), 413)
+    _error(post(iter([big[:1000], big[1000:]]), headers=json_type), 413)  # chunked, no content-length
+    e = client.post("/v1/embeddings", json={"model": "m1", "input": "x", "stream": True})
+    _error(e, 400)
+    _error(client.get("/v1/chat/completions"), 405)
+    _error(client.post("/v1/nothing", json=chat()), 404)
+    assert cluster.requests == []
+
+
+def test_embeddings_and_models(open_router):
+    client, cluster = open_router
+    r = client.post("/v1/embeddings", json={"model": "m1", "input": ["a", "b"]})
+    assert r.status_code == 200 and len(r.json()["data"]) == 2
+    assert cluster.requests[0].path == "/v1/embeddings"
+    assert client.get("/v1/models").json()["data"][0]["id"] == "m1"
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=12,
+)
+_bodies = st.one_of(
+    st.binary(max_size=300),
+    _json.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "model": st.sampled_from(["m1", "", "other"]) | _json,
+            "stream": _json,
+            "stream_options": _json,
+            "messages": _json,
+            "prompt": _json,
+        },
+    ).map(lambda v: json.dumps(v).encode()),
+)
+
+
+def test_generated_bodies_never_get_a_server_error():
+    with FakeUpstream("cluster") as cluster, RouterServer(make_settings(cluster)) as router, router.client() as c:
+
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(body=_bodies, path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]))
+        def check(body: bytes, path: str) -> None:
+            r = c.post(path, content=body, headers={"content-type": "application/json"})
+            assert r.status_code < 500, r.text
+            if r.status_code >= 400:
+                assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+        check()

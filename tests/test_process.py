@@ -1,0 +1,152 @@
+"""The router as a process: metrics exposition, secrets hygiene, SIGTERM draining, the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from router.testing import Behavior, FakeUpstream
+from tests.conftest import MODEL, chat, free_port
+
+SECRET = "sk-live-0123456789abcdef-never-leak"
+
+
+def write_config(path: Path, cluster: str, provider: str, **router: object) -> Path:
+    path.write_text(yaml.safe_dump({
+        "router": {"probe_interval_s": 0.2, "shutdown_grace_s": 10, **router},
+        "cluster": {"url": cluster, "circuit": {"failure_threshold": 2, "reset_timeout_s": 60}},
+        "providers": {"prov": {"url": provider, "api_key_env": "PROV_TEST_KEY"}},
+        "models": {MODEL: {"fallbacks": [{"provider": "prov", "model": "prov-m1"}]}},
+    }))
+    return path
+
+
+class RouterProcess:
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "router.cli", "router", "--config", str(config), "--port", str(self.port)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, **(env or {})},
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(self.url + "/healthz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"router did not start: {self.proc.communicate()[0]}")
+            time.sleep(0.05)
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.communicate(timeout=30)[0]
+
+
+def test_metrics_exposition_moves_and_passes_promtool(tmp_path):
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is installed by `make test` (Debian package prometheus)"
+    with FakeUpstream("cluster") as cluster, FakeUpstream("prov") as prov:
+        router = RouterProcess(write_config(tmp_path / "c.yaml", cluster.url, prov.url), {"PROV_TEST_KEY": SECRET})
+        try:
+            client = httpx.Client(base_url=router.url)
+            client.post("/v1/chat/completions", json=chat())
+            cluster.default = Behavior(status=500)
+            client.post("/v1/chat/completions", json=chat(stream=True))
+            client.post("/v1/chat/completions", content=b"{", headers={"content-type": "application/json"})
+            text = client.get("/metrics").text
+        finally:
+            router.stop()
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    for sample in [
+        'openweight_requests_total{model="m1",status="200",upstream="cluster"} 1.0',
+        'openweight_requests_total{model="m1",status="200",upstream="prov"} 1.0',
+        'openweight_requests_total{model="none",status="400",upstream="none"} 1.0',
+        'openweight_fallbacks_total{from_upstream="cluster",model="m1",reason="server_error",to_upstream="prov"} 1.0',
+        'openweight_upstream_attempts_total{outcome="server_error",upstream="cluster"} 1.0',
+        'openweight_time_to_first_token_seconds_count{model="m1",upstream="prov"} 1.0',
+        'openweight_request_duration_seconds_count{model="m1",upstream="cluster"} 1.0',
+        'openweight_tokens_total{kind="completion",model="m1",upstream="prov"} 5.0',
+        'openweight_in_flight_requests{model="m1"} 0.0',
+        'openweight_upstream_up{upstream="prov"} 1.0',
+        'openweight_circuit_state{upstream="cluster"} 0.0',
+        "openweight_router_overhead_seconds_count 3.0",
+    ]:
+        assert sample in text, sample
+    assert "openweight_stream_errors_total" in text
+
+
+def test_provider_key_never_appears_in_logs_errors_metrics_or_headers(tmp_path):
+    leaky = Behavior(status=401, body=f'{{"error": {{"message": "bad key {SECRET}"}}}}'.encode())
+    with FakeUpstream("cluster", default=Behavior(status=500)) as cluster, FakeUpstream("prov", default=leaky) as prov:
+        router = RouterProcess(write_config(tmp_path / "c.yaml", cluster.url, prov.url), {"PROV_TEST_KEY": SECRET})
+        try:
+            client = httpx.Client(base_url=router.url)
+            seen = []
+            for body in (chat(), chat(stream=True)):
+                r = client.post("/v1/chat/completions", json=body)
+                seen.append(r.text + str(r.headers))
+                assert r.status_code == 503
+            seen.append(client.get("/metrics").text)
+            seen.append(client.get("/readyz").text)
+            assert prov.requests[0].headers["authorization"] == f"Bearer {SECRET}"
+        finally:
+            seen.append(router.stop())
+        checked = subprocess.run(
+            [sys.executable, "-m", "router.cli", "check-config", str(tmp_path / "c.yaml")],
+            capture_output=True, text=True, env={**os.environ, "PROV_TEST_KEY": SECRET},
+        )
+        seen.append(checked.stdout + checked.stderr)
+    assert "PROV_TEST_KEY (set)" in checked.stdout
+    assert not any(SECRET in text for text in seen)
+
+
+def test_sigterm_lets_in_flight_streams_finish_then_exits(tmp_path):
+    slow = Behavior(chunks=8, chunk_delay_s=0.25)
+    with FakeUpstream("cluster", default=slow) as cluster, FakeUpstream("prov") as prov:
+        router = RouterProcess(write_config(tmp_path / "c.yaml", cluster.url, prov.url))
+        with httpx.Client(base_url=router.url, timeout=20) as client, client.stream(
+            "POST", "/v1/chat/completions", json=chat(stream=True)
+        ) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            router.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(router.url + "/healthz")
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        assert len(rest) == 9  # tok1..tok7, the finish chunk, [DONE]; the usage chunk is stripped
+        assert router.proc.wait(10) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+        assert cluster.requests[0].completed
+
+
+def test_check_config_names_the_bad_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({
+        "providers": {"p": {"url": "ftp://x"}},
+        "models": {"m": {"policy": "sometimes", "fallbacks": [{"provider": "q", "model": "x"}]}},
+    }))
+    done = subprocess.run([sys.executable, "-m", "router.cli", "check-config", str(bad)],
+                          capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "providers.p.url" in done.stderr
+    assert "models.m.policy" in done.stderr
+    good = subprocess.run([sys.executable, "-m", "router.cli", "check-config", "deploy/examples/minimal.yaml"],
+                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+    assert good.returncode == 0, good.stderr
+    assert "TOGETHER_API_KEY" in good.stdout

@@ -1,0 +1,176 @@
+"""Pure parts without a server: settings, policy, circuit breaker, SSE tracking, request parsing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from router.errors import InvalidRequest
+from router.health import Breaker, CircuitState, HealthSnapshot, UpstreamHealth
+from router.policy import Skip, Target, plan
+from router.relay import SseTracker
+from router.schemas import Endpoint, parse_request
+from router.settings import CircuitConfig, ConfigError, Settings, load_settings
+
+EXAMPLE = Path(__file__).parent.parent / "deploy" / "examples" / "minimal.yaml"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_minimal_example_loads_and_env_overrides_it(monkeypatch):
+    settings = load_settings(EXAMPLE)
+    model = settings.models["smollm2-135m-instruct"]
+    assert model.policy == "self_hosted_first"
+    assert model.fallbacks[0].model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert settings.cluster.url == "http://127.0.0.1:8100/v1"
+    monkeypatch.setenv("OPENWEIGHT_CLUSTER__URL", "http://ray-head:8000/v1/")
+    monkeypatch.setenv("OPENWEIGHT_ROUTER__PORT", "9100")
+    monkeypatch.setenv("OPENWEIGHT_CONFIG", str(EXAMPLE))
+    settings = load_settings()
+    assert settings.cluster.url == "http://ray-head:8000/v1"
+    assert settings.router.port == 9100
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"models": {}}, "at least one model"),
+        ({"models": {"m": {"policy": "nope"}}}, "models.m.policy"),
+        ({"models": {"m": {"fallbacks": [{"provider": "x", "model": "y"}]}}}, "models.m.fallbacks.0.provider"),
+        ({"models": {"m": {"policy": "provider_only"}}}, "models.m.policy: provider_only needs"),
+        ({"models": {"m": {}}, "cluster": {"url": "localhost:8000"}}, "cluster.url"),
+        ({"models": {"m": {}}, "router": {"port": 70000}}, "router.port"),
+        ({"models": {"m": {}}, "providers": {"cluster": {"url": "http://x"}}}, "providers.cluster"),
+        ({"models": {"m": {"colour": "red"}}}, "models.m.colour"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, raw, key):
+    file = tmp_path / "c.yaml"
+    file.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_settings(file)
+
+
+def test_unreadable_or_non_mapping_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_settings(tmp_path / "list.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(tmp_path / "bad.yaml")
+
+
+def _settings(policy: str, providers: int = 2) -> Settings:
+    names = [f"p{i}" for i in range(providers)]
+    return Settings(
+        providers={n: {"url": f"http://{n}/v1"} for n in names},
+        models={"m": {"policy": policy, "fallbacks": [{"provider": n, "model": f"{n}-id"} for n in names]}},
+    )
+
+
+def _snapshot(in_flight: int = 0, **states: UpstreamHealth) -> HealthSnapshot:
+    healthy = UpstreamHealth(CircuitState.CLOSED, False, None)
+    upstreams = {"cluster": healthy, "p0": healthy, "p1": healthy, **states}
+    return HealthSnapshot(upstreams, in_flight, {"m": in_flight})
+
+
+@pytest.mark.parametrize(
+    ("policy", "order"),
+    [
+        ("self_hosted_first", ["cluster", "p0", "p1"]),
+        ("self_hosted_only", ["cluster"]),
+        ("provider_first", ["p0", "p1", "cluster"]),
+        ("provider_only", ["p0", "p1"]),
+        ("spillover", ["cluster", "p0", "p1"]),
+    ],
+)
+def test_policy_orders(policy, order):
+    assert [t.upstream for t in plan(_settings(policy), "m", _snapshot()).targets] == order
+
+
+def test_open_circuits_are_skipped_and_deferred_upstreams_kept_as_a_last_resort():
+    open_ = UpstreamHealth(CircuitState.OPEN, False, None)
+    deferred = UpstreamHealth(CircuitState.CLOSED, True, None)
+    result = plan(_settings("self_hosted_first"), "m", _snapshot(cluster=open_, p0=deferred))
+    assert result.steps == (
+        Skip(Target("cluster", "m"), "circuit_open"), Skip(Target("p0", "p0-id"), "overloaded"), Target("p1", "p1-id")
+    )
+    result = plan(_settings("self_hosted_only"), "m", _snapshot(cluster=deferred))
+    assert result.steps == (Target("cluster", "m"),)
+    assert plan(_settings("self_hosted_only"), "m", _snapshot(cluster=open_)).targets == ()
+
+
+def test_spillover_moves_to_providers_on_back_pressure_or_in_flight_limit():
+    deferred = UpstreamHealth(CircuitState.CLOSED, True, None)
+    over = plan(_settings("spillover"), "m", _snapshot(cluster=deferred))
+    assert [t.upstream for t in over.targets] == ["p0", "p1"]
+    assert over.steps[0] == Skip(Target("cluster", "m"), "spillover")
+    limited = Settings(
+        cluster={"max_in_flight": 4},
+        providers={"p0": {"url": "http://p0/v1"}},
+        models={"m": {"policy": "spillover", "fallbacks": [{"provider": "p0", "model": "x"}]}},
+    )
+    assert [t.upstream for t in plan(limited, "m", _snapshot(in_flight=3)).targets] == ["cluster", "p0"]
+    assert [t.upstream for t in plan(limited, "m", _snapshot(in_flight=4)).targets] == ["p0", "cluster"]
+
+
+def test_breaker_lifecycle():
+    clock = Clock()
+    breaker = Breaker(CircuitConfig(failure_threshold=2, reset_timeout_s=10, success_threshold=2), clock)
+    breaker.failure()
+    assert breaker.state is CircuitState.CLOSED
+    breaker.success()
+    breaker.failure()
+    assert breaker.state is CircuitState.CLOSED  # failures must be consecutive
+    breaker.failure()
+    assert breaker.state is CircuitState.OPEN and not breaker.acquire()
+    clock.now = 10
+    assert breaker.state is CircuitState.HALF_OPEN
+    assert breaker.acquire() and not breaker.acquire()  # one trial at a time
+    breaker.success()
+    assert breaker.state is CircuitState.HALF_OPEN and breaker.acquire()
+    breaker.success()
+    assert breaker.state is CircuitState.CLOSED
+    breaker.failure(), breaker.failure()
+    breaker.probed(True)  # a live probe lets an open circuit try at once
+    assert breaker.state is CircuitState.HALF_OPEN
+    assert breaker.acquire()
+    breaker.failure()
+    assert breaker.state is CircuitState.OPEN
+
+
+def test_sse_tracker_reassembles_events_and_takes_usage():
+    stream = (
+        b'data: {"choices": [{"delta": {"content": "a"}}], "usage": null}\r\n\r\n'
+        b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    for size in (1, 7, len(stream)):
+        tracker = SseTracker(strip_usage=True)
+        out = b"".join(tracker.feed(stream[i : i + size]) for i in range(0, len(stream), size))
+        assert out == b'data: {"choices": [{"delta": {"content": "a"}}], "usage": null}\n\ndata: [DONE]\n\n'
+        assert tracker.usage == (3, 2) and tracker.done
+    kept = SseTracker(strip_usage=False)
+    assert b'"prompt_tokens": 3' in kept.feed(stream)
+
+
+def test_parse_request_rewrites_only_the_model_and_usage_option():
+    raw = b'{"model": "m", "messages": [], "stream": true, "x": 1.5}'
+    parsed = parse_request(Endpoint.CHAT, raw)
+    assert json.loads(parsed.body_for("other")) == {
+        "model": "other", "messages": [], "stream": True, "x": 1.5, "stream_options": {"include_usage": True}
+    }
+    plain = parse_request(Endpoint.CHAT, b'{"model": "m", "n": 2}')
+    assert plain.body_for("m") == b'{"model": "m", "n": 2}'  # forwarded byte for byte
+    with pytest.raises(InvalidRequest, match="stream_options"):
+        parse_request(Endpoint.CHAT, b'{"model": "m", "stream_options": {"include_usage": true}}')
