@@ -1,0 +1,178 @@
+{{/* Names ---------------------------------------------------------------------------------- */}}
+
+{{- define "openweight.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "openweight.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "openweight.router.fullname" -}}
+{{- printf "%s-router" (include "openweight.fullname" . | trunc 56 | trimSuffix "-") -}}
+{{- end -}}
+
+{{/* The RayService; KubeRay names its Services `<name>-serve-svc` and `<name>-head-svc` and
+     prefixes RayCluster and pod names with it, so keep it short. */}}
+{{- define "openweight.rayservice.name" -}}
+{{- printf "%s-ray" (include "openweight.fullname" . | trunc 36 | trimSuffix "-") -}}
+{{- end -}}
+
+{{- define "openweight.config.name" -}}
+{{- printf "%s-config" (include "openweight.fullname" . | trunc 56 | trimSuffix "-") -}}
+{{- end -}}
+
+{{- define "openweight.router.serviceAccountName" -}}
+{{- if .Values.router.serviceAccount.create -}}
+{{- default (include "openweight.router.fullname" .) .Values.router.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.router.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "openweight.modelCache.claimName" -}}
+{{- default (printf "%s-model-cache" (include "openweight.fullname" . | trunc 50 | trimSuffix "-")) .Values.cluster.modelCache.existingClaim -}}
+{{- end -}}
+
+{{/* Labels --------------------------------------------------------------------------------- */}}
+
+{{- define "openweight.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "openweight.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: openweight
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Selector labels of one component: router, ray-head or ray-worker. */}}
+{{- define "openweight.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "openweight.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "openweight.componentLabels" -}}
+{{ include "openweight.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* A pod selector matching every Ray pod (head and workers) of this release. */}}
+{{- define "openweight.ray.podSelector" -}}
+matchLabels:
+  app.kubernetes.io/name: {{ include "openweight.name" . }}
+  app.kubernetes.io/instance: {{ .Release.Name }}
+matchExpressions:
+  - key: app.kubernetes.io/component
+    operator: In
+    values: [ray-head, ray-worker]
+{{- end -}}
+
+{{/* Images ---------------------------------------------------------------------------------- */}}
+
+{{- define "openweight.router.image" -}}
+{{- printf "%s:%s" .Values.router.image.repository (default .Chart.AppVersion .Values.router.image.tag) -}}
+{{- end -}}
+
+{{- define "openweight.cluster.image" -}}
+{{- printf "%s:%s" .Values.cluster.image.repository (default .Chart.AppVersion .Values.cluster.image.tag) -}}
+{{- end -}}
+
+{{/* The config file ------------------------------------------------------------------------- */}}
+
+{{/* The URL the router uses for the cluster: the RayService's serve Service (only pods whose
+     Serve proxy is healthy) when the chart deploys it, else `cluster.url`. */}}
+{{- define "openweight.cluster.url" -}}
+{{- if .Values.cluster.enabled -}}
+{{- printf "http://%s-serve-svc.%s.svc:%d/v1" (include "openweight.rayservice.name" .) .Release.Namespace (int .Values.cluster.serve.port) -}}
+{{- else -}}
+{{- .Values.cluster.url -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The name of the environment variable the router reads client keys from. */}}
+{{- define "openweight.router.keysEnv" -}}
+{{- $auth := (.Values.router.config | default dict).auth | default dict -}}
+{{- default "OPENWEIGHT_API_KEYS" $auth.keys_env -}}
+{{- end -}}
+
+{{- define "openweight.router.insecureNoAuth" -}}
+{{- $auth := (.Values.router.config | default dict).auth | default dict -}}
+{{- if $auth.insecure_no_auth }}true{{ end -}}
+{{- end -}}
+
+{{- define "openweight.router.keysFilePath" -}}
+/etc/openweight/keys/{{ .Values.router.apiKeys.keysFile.secretKey }}
+{{- end -}}
+
+{{/* The models of the config file: `models`, or `defaultModels` while `models` is empty. */}}
+{{- define "openweight.models" -}}
+{{- toYaml (.Values.models | default .Values.defaultModels) -}}
+{{- end -}}
+
+{{/* The whole config file as YAML: router, cluster, providers, models (router/settings.py). */}}
+{{- define "openweight.config" -}}
+{{- $router := deepCopy (.Values.router.config | default dict) -}}
+{{- $_ := set $router "host" "0.0.0.0" -}}
+{{- $_ := set $router "port" 8000 -}}
+{{- if .Values.router.apiKeys.keysFile.existingSecret -}}
+{{- $auth := deepCopy ($router.auth | default dict) -}}
+{{- $_ := set $auth "keys_file" (include "openweight.router.keysFilePath" .) -}}
+{{- $_ := set $router "auth" $auth -}}
+{{- end -}}
+{{- $cluster := deepCopy (.Values.cluster.config | default dict) -}}
+{{- if or (hasKey $cluster "url") (hasKey $cluster "enabled") -}}
+{{- fail "cluster.config.url / cluster.config.enabled: set cluster.url and cluster.enabled instead" -}}
+{{- end -}}
+{{- $url := include "openweight.cluster.url" . -}}
+{{- if $url -}}
+{{- $_ := set $cluster "url" $url -}}
+{{- else -}}
+{{- $_ := set $cluster "enabled" false -}}
+{{- end -}}
+{{- $config := dict "router" $router "cluster" $cluster "providers" (.Values.providers | default dict) "models" (include "openweight.models" . | fromYaml) -}}
+{{- toYaml $config -}}
+{{- end -}}
+
+{{/* The Ray Serve config (serveConfigV2), as `openweight cluster serve-config` writes it for the
+     same models. */}}
+{{- define "openweight.serveConfig" -}}
+{{- $app := dict "name" .Values.cluster.serve.applicationName "route_prefix" .Values.cluster.serve.routePrefix "import_path" .Values.cluster.serve.importPath "args" (dict "models" (include "openweight.models" . | fromYaml)) -}}
+{{- toYaml (dict "applications" (list $app)) -}}
+{{- end -}}
+
+{{/* Checks that stop a bad install at render time. */}}
+{{- define "openweight.validate" -}}
+{{- if not (include "openweight.models" . | fromYaml) -}}
+{{- fail "models: at least one model is required" -}}
+{{- end -}}
+{{- if and (not .Values.cluster.enabled) (not .Values.cluster.url) -}}
+{{- range $name, $model := (include "openweight.models" . | fromYaml) -}}
+{{- if ne (default "self_hosted_first" $model.policy) "provider_only" -}}
+{{- fail (printf "models.%s.policy: %s needs a cluster: set cluster.enabled=true or cluster.url, or use provider_only" $name (default "self_hosted_first" $model.policy)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- range $name, $provider := .Values.providers -}}
+{{- if hasKey $provider "api_key" -}}
+{{- fail (printf "providers.%s.api_key: keys are never values; set api_key_env and put the key in a Secret" $name) -}}
+{{- end -}}
+{{- range $header, $_ := ($provider.headers | default dict) -}}
+{{- if regexMatch "(?i)(auth|key|token|secret|cookie)" $header -}}
+{{- fail (printf "providers.%s.headers.%s: credentials are never values (the config file is a ConfigMap); use api_key_env" $name $header) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
