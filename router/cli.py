@@ -52,6 +52,7 @@ def serve_router(settings: Settings) -> None:
         lifespan="on",
         access_log=False,
         server_header=False,
+        proxy_headers=False,
         timeout_graceful_shutdown=int(settings.router.shutdown_grace_s),
         timeout_keep_alive=30,
         log_level="info",

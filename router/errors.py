@@ -19,8 +19,8 @@ OpenWeightError                     500 internal_error
     ├── UpstreamUnavailable         503 no upstream left to try (all failed, open or inactive)
     └── ServiceShuttingDown         503 the router is draining
 ```
-Third-party exceptions (httpx) are translated into this tree in exactly one place,
-:func:`router.upstreams.http.map_httpx_errors`.
+Third-party exceptions (the HTTP client's) are translated into this tree in exactly one place,
+:func:`router.upstreams.http.map_client_errors`.
 """
 
 from __future__ import annotations

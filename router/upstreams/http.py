@@ -1,6 +1,8 @@
-"""Upstreams over HTTP with httpx: the Ray Serve OpenAI ingress and every external provider.
+"""Upstreams over HTTP: the Ray Serve OpenAI ingress and every external provider.
 
-This module is the one place where httpx exceptions become :mod:`router.errors` exceptions.
+The client is aiohttp: on the relay's hot path it costs a fraction of the CPU of httpx/httpcore
+per request and per chunk (see the README's performance section). This module is the one place
+where the HTTP client's exceptions become :mod:`router.errors` exceptions.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
-import httpx
+import aiohttp
 
 from router.errors import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from router.settings import CLUSTER, ClusterConfig, ProviderConfig, UpstreamConfig
@@ -17,66 +19,59 @@ from router.upstreams.base import UpstreamRequest
 
 
 @contextmanager
-def map_httpx_errors(upstream: str) -> Iterator[None]:
-    """Translate httpx's exceptions into the router's tree, naming the upstream but no URL or key."""
+def map_client_errors(upstream: str) -> Iterator[None]:
+    """Translate the HTTP client's exceptions, naming the upstream but no URL or key."""
     try:
         yield
-    except httpx.TimeoutException as exc:
-        phase = "connect" if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout) else "read"
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        phase = "connect" if isinstance(exc, aiohttp.ConnectionTimeoutError) else "read"
         raise UpstreamTimeout(f"{upstream}: {phase} timeout") from None
-    except httpx.ConnectError:
+    except aiohttp.ClientConnectorError:
         raise UpstreamConnectError(f"{upstream}: connection failed") from None
-    except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
         raise UpstreamProtocolError(f"{upstream}: {type(exc).__name__}") from None
-    except httpx.HTTPError as exc:
+    except aiohttp.ClientError as exc:
         raise UpstreamError(f"{upstream}: {type(exc).__name__}") from None
 
 
 class HttpResponse:
-    """A started httpx streaming response, with its first body chunk already read."""
+    """A started response, with its first body chunk already read."""
 
-    __slots__ = ("_chunks", "_closed", "_response", "_upstream", "first_chunk", "headers", "status")
+    __slots__ = ("_response", "_upstream", "first_chunk", "headers", "status")
 
-    def __init__(self, upstream: str, response: httpx.Response) -> None:
+    def __init__(self, upstream: str, response: aiohttp.ClientResponse) -> None:
         self._upstream = upstream
         self._response = response
-        self._chunks = response.aiter_raw()
-        self._closed = False
-        self.status = response.status_code
+        self.status = response.status
         self.headers = {k.lower(): v for k, v in response.headers.items()}
         self.first_chunk = b""
 
     async def _read_first(self) -> None:
-        with map_httpx_errors(self._upstream):
-            async for chunk in self._chunks:
-                if chunk:
-                    self.first_chunk = chunk
-                    return
+        with map_client_errors(self._upstream):
+            self.first_chunk = await self._response.content.readany()
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        with map_httpx_errors(self._upstream):
-            async for chunk in self._chunks:
-                if chunk:
-                    yield chunk
+        content = self._response.content
+        with map_client_errors(self._upstream):
+            while chunk := await content.readany():
+                yield chunk
 
     async def aread(self) -> bytes:
-        parts = [self.first_chunk]
-        async for chunk in self.aiter_bytes():
-            parts.append(chunk)
-        return b"".join(parts)
+        with map_client_errors(self._upstream):
+            return self.first_chunk + await self._response.content.read()
 
     async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            await self._response.aclose()
+        if self._response.content.at_eof():
+            self._response.release()  # back to the pool
+        else:
+            self._response.close()  # abandon: the upstream sees the connection go
 
 
 class HttpUpstream:
-    """An OpenAI-compatible API reached over HTTP.
+    """An OpenAI-compatible API reached over HTTP, with a connection pool kept for the router's life.
 
-    The connection pool is kept for the router's lifetime. Content is decoded by nobody: bytes
-    are relayed as they arrive (``aiter_raw``), so a compressed upstream answer is passed through
-    with its ``content-encoding``.
+    Bodies are relayed as the bytes that arrive (no decompression), so a compressed upstream answer
+    passes through with its ``content-encoding``.
     """
 
     def __init__(
@@ -89,23 +84,29 @@ class HttpUpstream:
     ) -> None:
         self.name = name
         self.config = config
+        self._headers = headers or {}
         self._request_timeout_s = request_timeout_s
-        self._client = httpx.AsyncClient(
-            base_url=config.url + "/",
-            headers=headers or {},
-            timeout=httpx.Timeout(
-                connect=config.connect_timeout_s,
-                read=config.read_timeout_s,
-                write=config.read_timeout_s,
-                pool=config.connect_timeout_s,
-            ),
-            limits=httpx.Limits(
-                max_connections=config.max_connections, max_keepalive_connections=config.max_connections
-            ),
-            # Never read proxy settings or netrc credentials from the environment for upstream calls.
-            trust_env=False,
-            follow_redirects=False,
+        self._base = config.url + "/"
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s
         )
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        # Created on first use: a session belongs to the running event loop.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=self.config.max_connections, limit_per_host=0, keepalive_timeout=30
+                ),
+                headers=self._headers,
+                timeout=self._timeout,
+                auto_decompress=False,
+                # Never read proxy settings or netrc credentials from the environment for upstream calls.
+                trust_env=False,
+                skip_auto_headers=("user-agent",),
+            )
+        return self._session
 
     async def send(self, request: UpstreamRequest, timeout_s: float) -> HttpResponse:
         headers = {"x-request-id": request.request_id, **request.headers}
@@ -114,35 +115,39 @@ class HttpUpstream:
         if self._request_timeout_s is not None:
             # Ray Serve answers 408 past this instead of holding a request no replica can take.
             headers["x-request-timeout-seconds"] = str(max(1, int(min(self._request_timeout_s, timeout_s))))
-        outgoing = self._client.build_request(
-            request.method, request.path.lstrip("/"), content=request.body, headers=headers
-        )
-        response: httpx.Response | None = None
+        response: aiohttp.ClientResponse | None = None
         try:
             async with asyncio.timeout(min(timeout_s, self.config.first_byte_timeout_s)):
-                with map_httpx_errors(self.name):
-                    response = await self._client.send(outgoing, stream=True)
+                with map_client_errors(self.name):
+                    response = await self._client().request(
+                        request.method, self._base + request.path.lstrip("/"), data=request.body,
+                        headers=headers, allow_redirects=False,
+                    )
                 started = HttpResponse(self.name, response)
                 await started._read_first()
         except TimeoutError:
             if response is not None:
-                await response.aclose()
+                response.close()
             raise UpstreamTimeout(f"{self.name}: no first byte within the timeout") from None
         except BaseException:
             if response is not None:
-                await response.aclose()
+                response.close()
             raise
         return started
 
     async def probe(self) -> bool:
+        timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout_s + 3.0)
         try:
-            response = await self._client.get("models", timeout=self.config.connect_timeout_s + 3.0)
-        except httpx.HTTPError:
+            async with self._client().get(self._base + "models", timeout=timeout) as response:
+                await response.read()
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
             return False
-        return response.status_code == 200
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 def cluster_upstream(config: ClusterConfig) -> HttpUpstream:
