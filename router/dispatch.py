@@ -154,37 +154,45 @@ class Dispatcher:
         deadline: float,
         tries: int,
     ) -> tuple[UpstreamResponse, int]:
-        retry = self._retry
-        backoff = self._backoff
-
-        def wait(state: RetryCallState) -> float:
-            failed = state.outcome.exception() if state.outcome else None
-            hint = failed.retry_after if isinstance(failed, _Failed) and failed.retry_after else 0.0
-            return max(backoff(state), hint)
-
-        def retryable(exc: BaseException) -> bool:
-            return (
-                isinstance(exc, _Failed)
-                and exc.outcome != "auth_error"
-                and (exc.retry_after or 0.0) <= retry.max_retry_after_s
-            )
-
-        used = 0
+        try:
+            return await self._attempt(target, request, observer, deadline), 1
+        except _Failed as failed:
+            if tries == 1 or not self._retryable(failed):
+                raise
+            first: _Failed | None = failed
+        # Only a failed first attempt pays for tenacity; it is replayed as tenacity's attempt 1 so
+        # that backoff, Retry-After and the stop conditions all see it.
+        used = 1
         retrying = AsyncRetrying(
             stop=stop_after_attempt(tries) | stop_before_delay(max(0.0, deadline - self._clock())),
-            wait=wait,
-            retry=retry_if_exception(retryable),
+            wait=self._wait,
+            retry=retry_if_exception(self._retryable),
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
+                    if first is not None:
+                        replay, first = first, None
+                        raise replay
                     used += 1
                     return await self._attempt(target, request, observer, deadline), used
         except _Failed as failed:
             failed.attempts = used
             raise
         raise AssertionError("unreachable: tenacity either returns or re-raises")
+
+    def _wait(self, state: RetryCallState) -> float:
+        failed = state.outcome.exception() if state.outcome else None
+        hint = failed.retry_after if isinstance(failed, _Failed) and failed.retry_after else 0.0
+        return max(self._backoff(state), hint)
+
+    def _retryable(self, exc: BaseException) -> bool:
+        return (
+            isinstance(exc, _Failed)
+            and exc.outcome != "auth_error"
+            and (exc.retry_after or 0.0) <= self._retry.max_retry_after_s
+        )
 
     async def _attempt(
         self, target: Target, request: UpstreamRequest, observer: RequestObserver, deadline: float

@@ -8,6 +8,7 @@ bounded), `upstream` is ``cluster`` or a provider's name (``none`` when nothing 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -23,6 +24,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             "openweight_requests", "Finished requests by final HTTP status.",
@@ -71,6 +73,14 @@ class Metrics:
             buckets=_OVERHEAD_BUCKETS, registry=r,
         )
 
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached: label lookup costs microseconds on the hot path."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -91,13 +101,13 @@ class RequestObserver:
         self._first_byte_at: float | None = None
         self._overhead = 0.0
         self._finished = False
-        metrics.in_flight.labels(model).inc()
+        metrics.child(metrics.in_flight, model).inc()
 
     def attempt(self, upstream: str, outcome: str) -> None:
-        self._m.attempts.labels(upstream, outcome).inc()
+        self._m.child(self._m.attempts, upstream, outcome).inc()
 
     def fallback(self, from_upstream: str, to_upstream: str, reason: str) -> None:
-        self._m.fallbacks.labels(self.model, from_upstream, to_upstream, reason).inc()
+        self._m.child(self._m.fallbacks, self.model, from_upstream, to_upstream, reason).inc()
 
     def add_overhead(self, seconds: float) -> None:
         self._overhead += seconds
@@ -108,21 +118,21 @@ class RequestObserver:
 
     def usage(self, prompt: int, completion: int) -> None:
         if prompt > 0:
-            self._m.tokens.labels(self.model, self.upstream, "prompt").inc(prompt)
+            self._m.child(self._m.tokens, self.model, self.upstream, "prompt").inc(prompt)
         if completion > 0:
-            self._m.tokens.labels(self.model, self.upstream, "completion").inc(completion)
+            self._m.child(self._m.tokens, self.model, self.upstream, "completion").inc(completion)
 
     def stream_error(self) -> None:
-        self._m.stream_errors.labels(self.model, self.upstream).inc()
+        self._m.child(self._m.stream_errors, self.model, self.upstream).inc()
 
     def finish(self, status: int) -> None:
         if self._finished:
             return
         self._finished = True
         m = self._m
-        m.in_flight.labels(self.model).dec()
-        m.requests.labels(self.model, self.upstream, str(status)).inc()
-        m.duration.labels(self.model, self.upstream).observe(time.perf_counter() - self.start)
+        m.child(m.in_flight, self.model).dec()
+        m.child(m.requests, self.model, self.upstream, str(status)).inc()
+        m.child(m.duration, self.model, self.upstream).observe(time.perf_counter() - self.start)
         if self._first_byte_at is not None and status < 400:
-            m.ttft.labels(self.model, self.upstream).observe(self._first_byte_at - self.start)
+            m.child(m.ttft, self.model, self.upstream).observe(self._first_byte_at - self.start)
         m.overhead.observe(self._overhead)
