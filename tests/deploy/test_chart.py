@@ -7,17 +7,21 @@ Monitoring and Gateway API objects are checked in test_crds.py.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import kubernetes_validate
+import jsonschema  # type: ignore[import-untyped]
+import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
-from router.settings import Settings
+from router.settings import ProviderConfig, Settings
 from tests.deploy import support, values_schema
 from tests.deploy.support import CHART, KUBE_VERSION, NAMESPACE, RELEASE, Doc
 
@@ -215,14 +219,51 @@ def test_config_change_rolls_the_router(helm: str) -> None:
 
 # --- serveConfigV2 ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scenario", ["defaults", "full", "self-hosted-only"])
-def test_serve_config_lists_the_models(rendered: dict[str, list[Doc]], scenario: str) -> None:
-    serve = support.serve_config_of(rendered[scenario])
-    (app,) = serve["applications"]
-    assert app["name"] == "openweight" and app["route_prefix"] == "/"
-    assert re.fullmatch(r"cluster\.builder:\w+", app["import_path"])
-    config = support.config_of(rendered[scenario])
-    assert app["args"]["models"] == config["models"]
+CLUSTER_SCENARIOS = [s for s in SCENARIOS if scenario_values(s)["cluster"]["enabled"]]
+
+
+def openweight_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("openweight", path=str(Path(sys.executable).parent)) or "openweight"
+    return support.run([exe, *args], check=False)
+
+
+@pytest.mark.parametrize("scenario", CLUSTER_SCENARIOS)
+def test_serve_config_is_what_the_code_builds(rendered: dict[str, list[Doc]], scenario: str, tmp_path: Path) -> None:
+    """serveConfigV2 equals `openweight cluster serve-config` for the same config file; each model's
+    `serve` block compared as the cluster side parses it (defaults dropped, as the code writes it)."""
+    if importlib.util.find_spec("cluster.builder") is None or importlib.util.find_spec("cluster.cli") is None:
+        pytest.skip("`openweight cluster serve-config` is not available (cluster/builder.py, cluster/cli.py)")
+    from cluster.config import parse_serve_specs
+
+    docs = rendered[scenario]
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(support.config_of(docs)))
+    proc = openweight_cli("cluster", "serve-config", "--config", str(config_file))
+    assert proc.returncode == 0, proc.stderr
+    expected = yaml.safe_load(proc.stdout)
+    chart = support.serve_config_of(docs)
+    for app in chart["applications"]:
+        specs = parse_serve_specs(app["args"]["models"])
+        app["args"]["models"] = {k: v.model_dump(mode="json", exclude_defaults=True) for k, v in specs.items()}
+    assert chart == expected
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_openweight_check_config_accepts_the_config_map(
+    rendered: dict[str, list[Doc]], scenario: str, tmp_path: Path
+) -> None:
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(support.config_of(rendered[scenario])))
+    proc = openweight_cli("check-config", str(config_file))
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_serve_config_hosts_the_serve_blocks(rendered: dict[str, list[Doc]]) -> None:
+    (app,) = support.serve_config_of(rendered["full"])["applications"]
+    assert app["import_path"] == "cluster.builder:app_from_args" and app["route_prefix"] == "/"
+    models = app["args"]["models"]
+    assert set(models) == {"qwen2.5-14b-instruct", "Qwen/Qwen2.5-7B-Instruct"}
+    assert models["qwen2.5-14b-instruct"]["tensor_parallel_size"] == 2
 
 
 # --- Security --------------------------------------------------------------------------------
@@ -259,9 +300,9 @@ def test_network_policy_keeps_ray_ports_inside_the_release(rendered: dict[str, l
     release_only = [[{"podSelector": ray_selector}]]
     assert allowed_sources(policy, 6379, {}) == release_only
     assert allowed_sources(policy, 10001, {}) == release_only
-    assert allowed_sources(policy, 8265, {}) == release_only + [[operator]]
-    assert allowed_sources(policy, 8000, {}) == release_only + [[{"podSelector": router_selector}], [operator]]
-    assert allowed_sources(policy, 8080, {}) == release_only + [[prometheus]]
+    assert allowed_sources(policy, 8265, {}) == [*release_only, [operator]]
+    assert allowed_sources(policy, 8000, {}) == [*release_only, [{"podSelector": router_selector}], [operator]]
+    assert allowed_sources(policy, 8080, {}) == [*release_only, [prometheus]]
     # The selector covers the head and the workers (the labels the RayService pod templates carry).
     ray = support.one(docs, "RayService")["spec"]["rayClusterConfig"]
     templates = [ray["headGroupSpec"]["template"]] + [g["template"] for g in ray["workerGroupSpecs"]]
@@ -278,8 +319,9 @@ def test_router_network_policy(rendered: dict[str, list[Doc]]) -> None:
         assert len(router) == 1, scenario
         (rule,) = router[0]["spec"]["ingress"]
         assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
-    (rule,) = [p for p in support.kind(rendered["full"], "NetworkPolicy")
-               if "matchExpressions" not in p["spec"]["podSelector"]][0]["spec"]["ingress"]
+    full = next(p for p in support.kind(rendered["full"], "NetworkPolicy")
+                if "matchExpressions" not in p["spec"]["podSelector"])
+    (rule,) = full["spec"]["ingress"]
     assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway-system"}}}]
 
 
@@ -325,7 +367,7 @@ def test_no_plain_secret_values(all_docs: list[tuple[str, Doc]]) -> None:
         walk(doc, f"{scenario}:{doc['kind']}/{doc['metadata']['name']}")
         if doc["kind"] == "ConfigMap" and "config.yaml" in doc["data"]:
             for provider in yaml.safe_load(doc["data"]["config.yaml"])["providers"].values():
-                assert set(provider) <= set(Settings.model_fields["providers"].annotation.__args__[1].model_fields)
+                assert set(provider) <= set(ProviderConfig.model_fields)
 
 
 @pytest.mark.parametrize("args", [

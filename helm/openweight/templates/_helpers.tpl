@@ -147,10 +147,22 @@ matchExpressions:
 {{- end -}}
 
 {{/* The Ray Serve config (serveConfigV2), as `openweight cluster serve-config` writes it for the
-     same models. */}}
+     same config (cluster/builder.py serve_config): the `serve` block of every hosted model, keyed by
+     the model id the cluster serves (`cluster_model`, else the public name). */}}
 {{- define "openweight.serveConfig" -}}
-{{- $app := dict "name" .Values.cluster.serve.applicationName "route_prefix" .Values.cluster.serve.routePrefix "import_path" .Values.cluster.serve.importPath "args" (dict "models" (include "openweight.models" . | fromYaml)) -}}
-{{- toYaml (dict "applications" (list $app)) -}}
+{{- $blocks := dict -}}
+{{- range $name, $model := (include "openweight.models" . | fromYaml) -}}
+{{- if $model.serve -}}
+{{- $_ := set $blocks (default $name $model.cluster_model) $model.serve -}}
+{{- end -}}
+{{- end -}}
+{{- if not $blocks -}}
+{{- fail "models: no model has a `serve` block, so the cluster has nothing to host (cluster.enabled=false serves from providers only)" -}}
+{{- end -}}
+{{- $serve := .Values.cluster.serve -}}
+{{- $app := dict "name" $serve.applicationName "route_prefix" $serve.routePrefix "import_path" $serve.importPath "args" (dict "models" $blocks) -}}
+{{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" (int $serve.port)) "applications" (list $app) -}}
+{{- toYaml $config -}}
 {{- end -}}
 
 {{/* Checks that stop a bad install at render time. */}}

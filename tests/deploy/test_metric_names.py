@@ -1,0 +1,84 @@
+"""Dashboards and alerts reference only metric names that exist.
+
+`metric_names.txt` lists every series name the rules and dashboards select. The openweight_*
+names are checked against a running router; the ray_* names against a real scrape of Ray's metrics
+agent (ray_serve_*, and ray_vllm_* for engines with log_engine_metrics), which needs a running
+cluster: set OPENWEIGHT_RAY_METRICS_URL (e.g. http://127.0.0.1:8080/metrics) to run that check.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from router.testing import Behavior, FakeUpstream
+from tests.deploy import support
+from tests.deploy.live import Router
+
+PROMETHEUS_OWN = {"up"}
+
+
+def test_the_list_matches_what_the_files_reference() -> None:
+    listed = support.expected_names()
+    assert listed == sorted(set(listed)), "keep metric_names.txt sorted and unique"
+    referenced = support.referenced_names()
+    assert set(listed) == referenced, (
+        f"missing from metric_names.txt: {sorted(referenced - set(listed))}; "
+        f"listed but not referenced: {sorted(set(listed) - referenced)}"
+    )
+
+
+def test_only_known_prefixes() -> None:
+    for name in support.expected_names():
+        assert name.startswith(("openweight_", "ray_serve_", "ray_vllm_")) or name in PROMETHEUS_OWN, name
+
+
+def test_the_extraction_sees_names_in_selectors_and_not_in_strings() -> None:
+    expr = 'sum by (model) (rate(openweight_requests_total{upstream="ray_fake_label"}[5m])) / up'
+    assert support.metric_names(expr) == {"openweight_requests_total", "up"}
+    assert support.metric_names("openweight_tokens:self_hosted_share_rate5m > 0") == set()
+
+
+def router_config(cluster: FakeUpstream, provider: FakeUpstream) -> dict[str, object]:
+    fast = {"probe": False, "first_byte_timeout_s": 5}
+    return {
+        "router": {"probe_interval_s": 3600, "retry": {"max_attempts": 1}},
+        "cluster": {"url": cluster.url, **fast},
+        "providers": {"p": {"url": provider.url, **fast}},
+        "models": {"m": {"fallbacks": [{"provider": "p", "model": "p-model"}]}},
+    }
+
+
+def test_every_openweight_name_is_exported_by_a_running_router(tmp_path: Path) -> None:
+    with (FakeUpstream("cluster", default=Behavior(status=503)) as cluster, FakeUpstream("p") as provider,
+          Router(router_config(cluster, provider), tmp_path) as router):
+        assert router.chat("m").status_code == 200
+        assert router.chat("m", stream=True).status_code == 200
+        exported = router.sample_names()
+    wanted = {n for n in support.expected_names() if n.startswith("openweight_")}
+    assert wanted, "no openweight_* name referenced"
+    missing = wanted - exported
+    assert not missing, f"referenced but not exported by the router: {sorted(missing)}"
+
+
+@pytest.mark.skipif(
+    not os.environ.get("OPENWEIGHT_RAY_METRICS_URL"),
+    reason="needs a running Ray cluster: set OPENWEIGHT_RAY_METRICS_URL to its metrics agent's /metrics",
+)
+def test_every_ray_name_is_exported_by_the_metrics_agent() -> None:
+    text = httpx.get(os.environ["OPENWEIGHT_RAY_METRICS_URL"], timeout=10).text
+    exported: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        exported |= {sample.name for sample in family.samples}
+        exported.add(family.name)
+        if family.type == "counter":
+            exported.add(family.name + "_total")
+        if family.type == "histogram":
+            exported |= {family.name + s for s in ("_bucket", "_sum", "_count")}
+    wanted = {n for n in support.expected_names() if n.startswith("ray_")}
+    missing = wanted - exported
+    assert not missing, f"referenced but not exported by Ray's metrics agent: {sorted(missing)}"
