@@ -50,14 +50,19 @@ PY
     "$bin/helm" version --short >&2
 }
 
-install_promtool() {
-    if command -v promtool >/dev/null 2>&1; then return; fi
-    log "promtool (Debian package prometheus)"
+apt_install() {
     export DEBIAN_FRONTEND=noninteractive
-    if ! apt-get install -y --no-install-recommends prometheus >/dev/null 2>&1; then
+    if ! apt-get install -y --no-install-recommends "$@" >/dev/null 2>&1; then
         apt-get update >/dev/null
-        apt-get install -y --no-install-recommends prometheus >/dev/null
+        apt-get install -y --no-install-recommends "$@" >/dev/null
     fi
+}
+
+install_promtool() {
+    # promtool for the rule checks, the prometheus server for the live alert test.
+    if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then return; fi
+    log "promtool and prometheus (Debian package prometheus)"
+    apt_install prometheus
     promtool --version >&2
 }
 
@@ -75,7 +80,10 @@ install_node_packages() {
             || missing=1
     done
     if [[ $missing == 0 ]]; then return; fi
-    command -v npm >/dev/null 2>&1 || { log "npm is required (apt-get install nodejs npm)"; exit 1; }
+    if ! command -v npm >/dev/null 2>&1; then
+        log "node and npm (Debian packages nodejs, npm)"
+        apt_install nodejs npm
+    fi
     log "npm packages -> $node_dir"
     mkdir -p "$node_dir"
     [[ -f "$node_dir/package.json" ]] || printf '{"name": "openweight-validators", "private": true}\n' \
