@@ -317,12 +317,13 @@ def test_router_network_policy(rendered: dict[str, list[Doc]]) -> None:
     for scenario, docs in rendered.items():
         router = [p for p in support.kind(docs, "NetworkPolicy") if "matchExpressions" not in p["spec"]["podSelector"]]
         assert len(router) == 1, scenario
-        (rule,) = router[0]["spec"]["ingress"]
-        assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+        for rule in router[0]["spec"]["ingress"]:
+            assert rule["ports"] == [{"port": "http", "protocol": "TCP"}]
     full = next(p for p in support.kind(rendered["full"], "NetworkPolicy")
                 if "matchExpressions" not in p["spec"]["podSelector"])
-    (rule,) = full["spec"]["ingress"]
-    assert rule["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway-system"}}}]
+    clients, prometheus = full["spec"]["ingress"]
+    assert clients["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway-system"}}}]
+    assert prometheus["from"] == [scenario_values("full")["networkPolicy"]["prometheus"]]
 
 
 def test_no_ray_port_leaves_the_cluster_network(all_docs: list[tuple[str, Doc]]) -> None:
