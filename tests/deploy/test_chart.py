@@ -322,7 +322,8 @@ def test_router_network_policy(rendered: dict[str, list[Doc]]) -> None:
     full = next(p for p in support.kind(rendered["full"], "NetworkPolicy")
                 if "matchExpressions" not in p["spec"]["podSelector"])
     clients, prometheus = full["spec"]["ingress"]
-    assert clients["from"] == [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway-system"}}}]
+    gateway = {"matchLabels": {"kubernetes.io/metadata.name": "gateway-system"}}
+    assert clients["from"] == [{"namespaceSelector": gateway}]
     assert prometheus["from"] == [scenario_values("full")["networkPolicy"]["prometheus"]]
 
 
