@@ -186,15 +186,16 @@ class Endpoints:
     async def healthz(self, request: Request) -> None:
         await request.respond_json(200, {"status": "ok"})
 
-    async def readyz(self, request: Request) -> None:
+    def upstreams_up(self) -> dict[str, int]:
+        """Per model: how many of its upstreams (active, allowed by its policy) are not known dead."""
         snapshot = self.health.snapshot()
-        unserved = [
-            model
+        return {
+            model: sum(snapshot.upstreams[t.upstream].up for t in policy.candidates(self.settings, model, snapshot))
             for model in self.settings.models
-            if not any(
-                snapshot.upstreams[t.upstream].up for t in policy.candidates(self.settings, model, snapshot)
-            )
-        ]
+        }
+
+    async def readyz(self, request: Request) -> None:
+        unserved = [model for model, up in self.upstreams_up().items() if not up]
         if unserved:
             await request.respond_json(503, {"status": "not ready", "models_without_upstream": unserved})
         else:
@@ -202,4 +203,6 @@ class Endpoints:
 
     async def metrics_endpoint(self, request: Request) -> None:
         self.health.publish()
+        for model, up in self.upstreams_up().items():
+            self.metrics.child(self.metrics.model_upstreams_up, model).set(up)
         await request.respond(200, self.metrics.exposition(), content_type="text/plain; version=0.0.4")

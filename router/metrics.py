@@ -51,6 +51,11 @@ class Metrics:
             "openweight_upstream_up", "1 when the upstream is not known dead (probe and circuit).",
             ["upstream"], registry=r,
         )
+        self.model_upstreams_up = Gauge(
+            "openweight_model_upstreams_up",
+            "Upstreams of a model (active, allowed by its policy) not known dead; 0 means it cannot be served.",
+            ["model"], registry=r,
+        )
         self.circuit = Gauge(
             "openweight_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
             ["upstream"], registry=r,

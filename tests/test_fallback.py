@@ -237,10 +237,13 @@ def test_readyz_reports_models_without_a_live_upstream(fakes):
         r = client.get("/readyz")
         assert r.status_code == 503
         assert r.json()["models_without_upstream"] == [MODEL]
+        assert router.metric("openweight_model_upstreams_up", model=MODEL) == 0
         assert client.get("/healthz").status_code == 200
     live = fakes("cluster")
-    with RouterServer(make_settings(live)) as router, router.client() as client:
+    prov = fakes("prov")
+    with RouterServer(make_settings(live, {"prov": prov})) as router, router.client() as client:
         assert client.get("/readyz").status_code == 200
+        assert router.metric("openweight_model_upstreams_up", model=MODEL) == 2
 
 
 class TestPolicies:
