@@ -15,13 +15,16 @@ def events(text: str) -> list[str]:
 
 def test_chunks_arrive_before_the_upstream_finishes(fakes):
     cluster = fakes("cluster", default=Behavior(chunks=4, chunk_delay_s=0.3))
-    with RouterServer(make_settings(cluster)) as router, router.client() as client:
-        with client.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as r:
-            lines = r.iter_lines()
-            first = next(line for line in lines if line.startswith("data: "))
-            assert json.loads(first[6:])["choices"][0]["delta"]["content"] == "tok0 "
-            assert not cluster.requests[0].completed
-            rest = list(lines)
+    with (
+        RouterServer(make_settings(cluster)) as router,
+        router.client() as client,
+        client.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as r,
+    ):
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[6:])["choices"][0]["delta"]["content"] == "tok0 "
+        assert not cluster.requests[0].completed
+        rest = list(lines)
     assert cluster.requests[0].completed
     assert rest[-2:] == ["data: [DONE]", ""] or rest[-1] == "data: [DONE]"
     assert r.headers["content-type"].startswith("text/event-stream")
