@@ -1,0 +1,138 @@
+"""From the config to the Ray Serve application (``ray.serve.llm``) and to KubeRay's serveConfigV2.
+
+One application, ``openweight``, at route prefix ``/``: ``build_openai_app`` puts an OpenAI ingress
+(``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ...) in front of one
+``LLMServer`` deployment per hosted model, so the router's ``cluster.url`` is ``http://HOST:PORT/v1``.
+
+- :func:`llm_config` / :func:`llm_configs` are pure: config in, ``LLMConfig`` objects out (no Ray
+  cluster needed; importing ``ray.serve.llm`` needs vLLM installed).
+- :func:`build_app` turns them into the Serve application; ``ray.serve.llm`` reads the current
+  Ray runtime environment there, so it needs a connected Ray (it would otherwise start one).
+- :func:`serve_config` writes the Serve config that KubeRay embeds as ``serveConfigV2``; it needs
+  neither Ray nor vLLM. Its ``import_path`` is :func:`app_from_args`, which rebuilds the same
+  application inside the cluster from the ``serve`` blocks carried in ``args``.
+
+Only the cluster's part of the config travels in ``args``: changing a provider does not redeploy
+the models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from cluster.config import Accelerator, ServeSpec, parse_serve_specs
+from cluster.model import resolve_source
+from cluster.placement import placement
+from router.settings import ConfigError, Settings
+
+APP_NAME = "openweight"
+ROUTE_PREFIX = "/"
+IMPORT_PATH = "cluster.builder:app_from_args"
+BACKPRESSURE_STATUS = 429
+LOCAL_WEIGHTS_CALLBACK = "cluster.engine_hooks:LocalWeights"
+"""Replica hook that skips Ray's per-node download when the weights are a local folder."""
+
+Resolver = Callable[[str], str]
+
+
+def deployment_config(spec: ServeSpec) -> dict[str, Any]:
+    """Serve deployment options of a model's ``LLMServer``: replicas, concurrency, back-pressure."""
+    config: dict[str, Any] = {
+        "ray_actor_options": placement(spec).ray_actor_options(),
+        "max_ongoing_requests": spec.max_ongoing_requests,
+        "max_queued_requests": spec.max_queued_requests if spec.max_queued_requests is not None else -1,
+        "backpressure_config": {"status_code": BACKPRESSURE_STATUS, "retry_after_s": spec.retry_after_s},
+    }
+    replicas = spec.replicas
+    if replicas.autoscaling:
+        config["autoscaling_config"] = {
+            "min_replicas": replicas.min,
+            "max_replicas": replicas.max,
+            "initial_replicas": replicas.initial if replicas.initial is not None else replicas.min,
+            "target_ongoing_requests": spec.target_ongoing_requests,
+        }
+    else:
+        config["num_replicas"] = replicas.min
+    return config
+
+
+def llm_config_kwargs(model_id: str, spec: ServeSpec, *, model_source: str) -> dict[str, Any]:
+    """The keyword arguments of ``ray.serve.llm.LLMConfig`` for one model (plain data)."""
+    kwargs: dict[str, Any] = {
+        "model_loading_config": {"model_id": model_id, "model_source": model_source},
+        "accelerator_config": {"kind": spec.accelerator.value},
+        "placement_group_config": placement(spec).placement_group_config(),
+        "deployment_config": deployment_config(spec),
+        "engine_kwargs": spec.engine_kwargs,
+        "runtime_env": {"env_vars": spec.engine_env},
+        "log_engine_metrics": True,
+        "callback_config": {"callback_class": LOCAL_WEIGHTS_CALLBACK},
+    }
+    if spec.accelerator is Accelerator.GPU and spec.accelerator_type:
+        kwargs["accelerator_type"] = spec.accelerator_type
+    return kwargs
+
+
+def llm_config(model_id: str, spec: ServeSpec, *, model_source: str) -> Any:
+    """The ``LLMConfig`` of one model; ``model_source`` is what vLLM loads (resolved source)."""
+    from ray.serve.llm import LLMConfig
+
+    return LLMConfig(**llm_config_kwargs(model_id, spec, model_source=model_source))
+
+
+def llm_configs(specs: Mapping[str, ServeSpec], *, resolve: Resolver = resolve_source) -> list[Any]:
+    """``LLMConfig`` objects for ``specs`` keyed by cluster model id; ``resolve`` maps each
+    ``source`` to what vLLM loads (default: prepare built-in models, keep the rest)."""
+    return [llm_config(model_id, spec, model_source=resolve(spec.source)) for model_id, spec in specs.items()]
+
+
+def cluster_specs(settings: Settings, specs: Mapping[str, ServeSpec]) -> dict[str, ServeSpec]:
+    """Re-key ``specs`` (by public name) by the model id the cluster serves."""
+    if not specs:
+        raise ConfigError("models: no model has a `serve` block, so the cluster has nothing to host")
+    return {settings.cluster_model_id(name): spec for name, spec in specs.items()}
+
+
+def build_app(configs: list[Any]) -> Any:
+    """The Serve application (OpenAI ingress + one LLMServer per model). Needs a connected Ray."""
+    from ray.serve.llm import build_openai_app
+
+    return build_openai_app({"llm_configs": configs})
+
+
+def app_from_args(args: dict[str, Any]) -> Any:
+    """Serve application builder named by :data:`IMPORT_PATH` in the Serve config.
+
+    ``args`` is ``{"models": {cluster_model_id: serve_block}}`` as written by :func:`serve_config`.
+    """
+    models = args.get("models")
+    if not isinstance(models, Mapping) or not models:
+        raise ConfigError("args.models: a mapping of model id to `serve` block is required")
+    specs = parse_serve_specs(models)
+    return build_app(llm_configs(specs))
+
+
+def serve_config(
+    settings: Settings, specs: Mapping[str, ServeSpec], *, http_host: str = "0.0.0.0", http_port: int | None = None
+) -> dict[str, Any]:
+    """The Ray Serve config (``serve deploy`` format) that KubeRay embeds as ``serveConfigV2``.
+
+    The HTTP port defaults to the port of ``cluster.url`` (8000 when it has none).
+    """
+    by_id = cluster_specs(settings, specs)
+    port = http_port if http_port is not None else urlsplit(settings.cluster.url).port or 8000
+    blocks = {model_id: spec.model_dump(mode="json", exclude_defaults=True) for model_id, spec in by_id.items()}
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": http_host, "port": port},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": ROUTE_PREFIX,
+                "import_path": IMPORT_PATH,
+                "args": {"models": blocks},
+            }
+        ],
+    }
