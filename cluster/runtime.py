@@ -1,0 +1,212 @@
+"""Ray and Serve at run time: a private local Ray, connecting to a cluster, deploying, status.
+
+A local Ray started here never touches another Ray on the machine:
+
+- ``address="local"`` (never join a running cluster) and a private temporary folder;
+- node address 127.0.0.1 and the dashboard off (GCS, raylet and the metrics agent still bind all
+  interfaces - Ray offers no way around that - so token authentication stays on, with a token
+  private to this cluster rather than ``~/.ray/auth_token``);
+- GCS and worker ports are Ray's random ones; Serve HTTP and the metrics port come from the caller;
+- stopping is ``ray.shutdown()`` from the process that started it, never ``ray stop`` (which kills
+  every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cluster.builder import APP_NAME, ROUTE_PREFIX
+
+Progress = Callable[[str], None]
+
+
+class ClusterError(Exception):
+    """Ray or Serve did not do what was asked (start, deploy, become ready)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalRay:
+    """A Ray cluster this process started; stop it with :meth:`shutdown`."""
+
+    temp_dir: Path
+    gcs_address: str
+    token_path: Path
+
+    @property
+    def log_dir(self) -> Path:
+        return self.temp_dir / "session_latest" / "logs"
+
+    def shutdown(self) -> None:
+        """Stop Serve, then this Ray (its processes only), then remove its folder."""
+        import ray
+        from ray import serve
+
+        if ray.is_initialized():
+            try:
+                serve.shutdown()  # type: ignore[no-untyped-call]
+            finally:
+                ray.shutdown()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler() -> Iterator[None]:
+    """Ray's core worker installs a native SIGTERM handler that dumps a stack and kills the driver
+    at once, skipping ``finally`` blocks; put the Python handler back so shutdown runs."""
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _private_token(temp_dir: Path) -> Path:
+    """Token auth for a cluster of our own, without writing ``~/.ray/auth_token``."""
+    path = temp_dir / "auth_token"
+    path.write_text(secrets.token_hex(32))
+    path.chmod(0o600)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    from ray._raylet import Config  # type: ignore[attr-defined]
+
+    Config.initialize("")  # Ray caches the mode read at import; make it see ours
+    return path
+
+
+def start_local_ray(
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    metrics_export_port: int | None = None,
+    log_to_driver: bool = False,
+) -> LocalRay:
+    """Start a private single-node Ray (see the module docstring)."""
+    import ray
+
+    # Short: Ray's unix socket paths under the folder must stay below 108 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="ow-ray-", dir="/tmp"))
+    token = _private_token(temp_dir)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    kwargs: dict[str, Any] = {
+        "address": "local",
+        "_temp_dir": str(temp_dir),
+        "_node_ip_address": "127.0.0.1",
+        "include_dashboard": False,
+        "num_cpus": num_cpus,
+        "num_gpus": num_gpus,
+        "log_to_driver": log_to_driver,
+    }
+    if metrics_export_port is not None:
+        kwargs["_metrics_export_port"] = metrics_export_port
+    try:
+        with _keep_sigterm_handler():
+            ray.init(**kwargs)
+    except Exception as exc:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise ClusterError(f"local Ray did not start: {exc}") from exc
+    return LocalRay(temp_dir=temp_dir, gcs_address=ray.get_runtime_context().gcs_address, token_path=token)
+
+
+def connect(address: str) -> None:
+    """Join the Ray cluster at ``address`` (``RAY_ADDRESS`` format) as a driver."""
+    import ray
+
+    try:
+        with _keep_sigterm_handler():
+            ray.init(address=address, log_to_driver=False)
+    except Exception as exc:
+        raise ClusterError(f"cannot connect to Ray at {address}: {exc}") from exc
+
+
+def start_serve(*, host: str, port: int) -> None:
+    """Start Serve's HTTP proxy on ``host:port`` (a no-op when Serve already runs)."""
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port})
+
+
+def _value(enum: Any) -> str:
+    return str(getattr(enum, "value", enum))
+
+
+def _describe(app: Any) -> str:
+    parts = []
+    for name, deployment in app.deployments.items():
+        replicas = ", ".join(f"{n} {_value(state)}" for state, n in deployment.replica_states.items())
+        line = f"{name}: {_value(deployment.status)} ({replicas or 'no replicas'})"
+        if deployment.message:
+            line += f" - {deployment.message}"
+        parts.append(line)
+    return "; ".join(parts) or app.message or _value(app.status)
+
+
+def deploy(app: Any, *, name: str = APP_NAME, timeout_s: float = 900.0, progress: Progress = print) -> None:
+    """Deploy ``app`` and wait until it is RUNNING, reporting changes; raise on failure or timeout."""
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    serve.run_many(
+        [RunTarget(target=app, name=name, route_prefix=ROUTE_PREFIX)],
+        wait_for_ingress_deployment_creation=False,
+        wait_for_applications_running=False,
+    )
+    wait_running(name=name, timeout_s=timeout_s, progress=progress)
+
+
+def wait_running(*, name: str = APP_NAME, timeout_s: float = 900.0, progress: Progress = print) -> None:
+    """Poll ``serve.status()`` until application ``name`` is RUNNING."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while True:
+        app = serve.status().applications.get(name)
+        if app is not None:
+            status = _value(app.status)
+            if status == "RUNNING":
+                return
+            if status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                raise ClusterError(f"application {name} is {status}: {app.message or _describe(app)}")
+            text = _describe(app)
+            if text != last:
+                progress(f"  {text}")
+                last = text
+        if time.monotonic() > deadline:
+            raise ClusterError(f"application {name} not running after {timeout_s:.0f} s: {last}")
+        time.sleep(1.0)
+
+
+def delete(name: str = APP_NAME) -> None:
+    """Delete application ``name`` and wait until it is gone."""
+    from ray import serve
+
+    serve.delete(name)
+
+
+def status_text() -> str:
+    """A readable summary of Serve on the connected cluster."""
+    from ray import serve
+
+    status = serve.status()
+    if not status.applications:
+        return "no Serve application is deployed"
+    lines = []
+    for app_name, app in status.applications.items():
+        lines.append(f"{app_name}: {_value(app.status)} {app.message or ''}".rstrip())
+        for dep_name, dep in app.deployments.items():
+            states = ", ".join(f"{n} {_value(s)}" for s, n in dep.replica_states.items())
+            lines.append(f"  {dep_name}: {_value(dep.status)} ({states or 'no replicas'})")
+            if dep.message:
+                lines.append(f"    {dep.message}")
+    return "\n".join(lines)

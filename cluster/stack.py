@@ -1,0 +1,323 @@
+"""The local stack behind ``make run``: models, a private Ray, the Serve app, then the router.
+
+``openweight run --config deploy/examples/local.yaml``:
+
+1. prepare the built-in models (download and convert once; later runs only check the cache);
+2. start a private local Ray (:func:`cluster.runtime.start_local_ray`) and Serve's HTTP proxy on
+   the host and port of ``cluster.url``;
+3. deploy the ``ray.serve.llm`` application and wait until every replica is ready;
+4. start the router (``python -m router.cli router --config FILE``) as a child process on
+   ``router.host:router.port`` and wait until it answers;
+5. print the URL and a curl example, then wait. SIGTERM or Ctrl-C stops the router (SIGTERM, then
+   SIGKILL after its grace period) and this Ray (``ray.shutdown``), nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+from cluster.config import ServeSpec, load_cluster_config
+from cluster.model import ModelError, resolve_source
+from cluster.placement import placement
+from cluster.runtime import ClusterError
+from router.settings import ConfigError, Settings, config_path
+
+METRICS_EXPORT_PORT = 8101
+"""Ray's metrics port in the local stack (``ray_serve_*``, ``ray_vllm_*`` for Prometheus)."""
+
+Progress = Callable[[str], None]
+
+
+class StackError(Exception):
+    """The local stack could not start."""
+
+
+class _Stop(Exception):
+    """SIGTERM arrived."""
+
+
+def _endpoint(url: str, what: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.scheme != "http" or parts.hostname is None:
+        raise StackError(f"{what}: the local stack needs an http:// URL, got {url}")
+    return parts.hostname, parts.port or 80
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds each start-up step took."""
+
+    prepare_s: float = 0.0
+    ray_s: float = 0.0
+    deploy_s: float = 0.0
+    router_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.prepare_s + self.ray_s + self.deploy_s + self.router_s
+
+
+@dataclass
+class LocalStack:
+    """Everything ``openweight run`` starts; :meth:`start` then :meth:`stop` (also a context manager)."""
+
+    config_path: Path
+    progress: Progress = print
+    router_output: IO[Any] | None = None
+    """Where the router's stdout/stderr go (default: this process's)."""
+    metrics_export_port: int | None = METRICS_EXPORT_PORT
+    deploy_timeout_s: float = 900.0
+    with_router: bool = True
+    """False: the cluster only (``openweight cluster up`` without ``RAY_ADDRESS``)."""
+    timings: Timings = field(default_factory=Timings)
+    _local_ray: Any = None
+    _router: subprocess.Popen[bytes] | None = None
+    _configs: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        try:
+            settings, specs = load_cluster_config(self.config_path)
+        except ConfigError as exc:
+            raise StackError(f"{self.config_path}:\n{exc}") from None
+        self.settings: Settings = settings
+        from cluster.builder import cluster_specs
+
+        self.specs: dict[str, ServeSpec] = cluster_specs(self.settings, specs)
+        self.serve_host, self.serve_port = _endpoint(self.settings.cluster.url, "cluster.url")
+
+    @property
+    def _steps(self) -> int:
+        return 4 if self.with_router else 3
+
+    @property
+    def router_url(self) -> str:
+        return f"http://{self.settings.router.host}:{self.settings.router.port}"
+
+    def __enter__(self) -> LocalStack:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start every part, in order; on failure stop what was started and raise."""
+        try:
+            self._check_ports()
+            t0 = time.monotonic()
+            sources = self._prepare()
+            t1 = time.monotonic()
+            self._start_ray()
+            t2 = time.monotonic()
+            self._configs = self._llm_configs(sources)
+            self.deploy()
+            t3 = time.monotonic()
+            if self.with_router:
+                self._start_router()
+            t4 = time.monotonic()
+        except BaseException:
+            self.stop()
+            raise
+        self.timings = Timings(prepare_s=t1 - t0, ray_s=t2 - t1, deploy_s=t3 - t2, router_s=t4 - t3)
+
+    def _check_ports(self) -> None:
+        wanted = [("cluster.url", self.serve_host, self.serve_port)]
+        if self.with_router:
+            wanted.append(("router.port", self.settings.router.host, self.settings.router.port))
+        if self.metrics_export_port is not None:
+            wanted.append(("Ray metrics", "0.0.0.0", self.metrics_export_port))
+        for what, host, port in wanted:
+            if not _port_free(host, port):
+                raise StackError(f"{what}: {host}:{port} is in use (is another stack running?)")
+
+    def _prepare(self) -> dict[str, str]:
+        self.progress(f"[1/{self._steps}] models")
+        sources = {}
+        for model_id, spec in self.specs.items():
+            sources[model_id] = resolve_source(spec.source, progress=lambda m: self.progress(f"  {m}"))
+            self.progress(f"  {model_id}: {sources[model_id]}")
+        return sources
+
+    def _start_ray(self) -> None:
+        from cluster.runtime import start_local_ray, start_serve
+
+        self.progress(f"[2/{self._steps}] local Ray")
+        for name in ("ray.serve", "ray.llm"):  # their INFO lines (deployment option dumps) drown the progress
+            logging.getLogger(name).setLevel(logging.WARNING)
+        needed = sum(
+            placement(spec).total("CPU") * (spec.replicas.initial or spec.replicas.min or 1)
+            for spec in self.specs.values()
+        )
+        num_cpus = max(os.cpu_count() or 1, int(needed) + 2)  # + the OpenAI ingress and a spare
+        self._local_ray = start_local_ray(num_cpus=num_cpus, metrics_export_port=self.metrics_export_port)
+        start_serve(host=self.serve_host, port=self.serve_port)
+        ray_env = f"RAY_ADDRESS={self._local_ray.gcs_address} RAY_AUTH_TOKEN_PATH={self._local_ray.token_path}"
+        self.progress(f"  Ray up ({ray_env}); logs in {self._local_ray.log_dir}")
+
+    def _llm_configs(self, sources: dict[str, str]) -> list[Any]:
+        from cluster.builder import llm_config
+
+        return [llm_config(mid, spec, model_source=sources[mid]) for mid, spec in self.specs.items()]
+
+    def deploy(self) -> None:
+        """Deploy (or deploy again) the Serve application and wait until it runs."""
+        from cluster.builder import build_app
+        from cluster.runtime import deploy
+
+        self.progress(f"[3/{self._steps}] deploying " + ", ".join(self.specs) + " (vLLM engine start takes a while)")
+        deploy(build_app(self._configs), timeout_s=self.deploy_timeout_s, progress=self.progress)
+        self.progress(f"  cluster ready at {self.settings.cluster.url}")
+
+    def undeploy(self) -> None:
+        """Delete the Serve application (the router then falls back to providers)."""
+        from cluster.runtime import delete
+
+        delete()
+
+    def _start_router(self) -> None:
+        self.progress("[4/4] router")
+        command = [sys.executable, "-m", "router.cli", "router", "--config", str(self.config_path)]
+        out = self.router_output
+        self._router = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT if out else None)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            code = self._router.poll()
+            if code is not None:
+                raise StackError(f"the router exited with status {code}")
+            try:
+                urllib.request.urlopen(f"{self.router_url}/v1/models", timeout=2).close()
+                return
+            except urllib.error.HTTPError:
+                return  # it answers (e.g. 401 without a key)
+            except OSError:
+                time.sleep(0.3)
+        raise StackError(f"the router did not answer on {self.router_url} within 60 s")
+
+    def wait(self) -> int:
+        """Block while the router runs and return its exit status (without a router: until a signal)."""
+        if self._router is None:
+            while True:
+                time.sleep(3600)
+        return self._router.wait()
+
+    def stop(self) -> None:
+        """Stop the router, then Serve and this Ray. Safe to call more than once."""
+        router, self._router = self._router, None
+        if router is not None and router.poll() is None:
+            router.send_signal(signal.SIGTERM)
+            try:
+                router.wait(timeout=self.settings.router.shutdown_grace_s + 5)
+            except subprocess.TimeoutExpired:
+                router.kill()
+                router.wait()
+        local_ray, self._local_ray = self._local_ray, None
+        if local_ray is not None:
+            local_ray.shutdown()
+
+
+def ready_message(stack: LocalStack) -> str:
+    """The URL and a curl example, printed once everything answers."""
+    settings = stack.settings
+    model = next(iter(settings.models)) if stack.with_router else next(iter(stack.specs))
+    base = f"{stack.router_url}/v1" if stack.with_router else settings.cluster.url
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+    keyed = stack.with_router and os.environ.get(settings.router.auth.keys_env)
+    auth = ' -H "authorization: Bearer $KEY"' if keyed else ""
+    what = "openweight" if stack.with_router else "the cluster"
+    return (
+        f"\n{what} is ready: {base} (OpenAI-compatible)\n"
+        f"  curl -s {base}/chat/completions -H 'content-type: application/json'{auth} \\\n"
+        f"    -d '{body}'\n"
+        "Ctrl-C stops everything."
+    )
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop
+
+
+def serve_until_stopped(
+    config: str | os.PathLike[str] | None,
+    *,
+    with_router: bool = True,
+    deploy_timeout_s: float = 900.0,
+    progress: Progress = print,
+) -> int:
+    """Start the local stack, serve until SIGTERM / Ctrl-C (or until the router exits), stop it.
+
+    ``config`` defaults to ``$OPENWEIGHT_CONFIG``. Returns the exit status.
+    """
+    stack = LocalStack(
+        config_path(config), progress=progress, with_router=with_router, deploy_timeout_s=deploy_timeout_s
+    )
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        stack.start()
+        t = stack.timings
+        progress(
+            f"started in {t.total_s:.0f} s (models {t.prepare_s:.0f} s, Ray {t.ray_s:.0f} s, "
+            f"deploy {t.deploy_s:.0f} s, router {t.router_s:.0f} s)"
+        )
+        progress(ready_message(stack))
+        code = stack.wait()
+        progress(f"the router exited with status {code}; stopping")
+        return code or 1
+    except (KeyboardInterrupt, _Stop):
+        progress("stopping")
+        return 0
+    finally:
+        with contextlib.suppress(KeyboardInterrupt, _Stop):
+            stack.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    try:
+        return serve_until_stopped(args.config)
+    except (StackError, ConfigError) as exc:
+        print(f"openweight run: {exc}", file=sys.stderr)
+        return 2
+    except (ClusterError, ModelError) as exc:
+        print(f"openweight run: {exc}", file=sys.stderr)
+        return 1
+
+
+def register_run(subparsers: Any) -> None:
+    """Add ``run --config FILE`` (the local stack) to an argparse subparsers object."""
+    parser = subparsers.add_parser("run", help="start the local stack: models, Ray Serve + vLLM, router")
+    parser.add_argument("--config", help="config file (default: $OPENWEIGHT_CONFIG)")
+    parser.set_defaults(func=_run_command)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        print("usage: python -m cluster.stack CONFIG", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(_run_command(argparse.Namespace(config=sys.argv[1])))
