@@ -185,13 +185,14 @@ def _convert(gguf: Path, out: Path, progress: Progress) -> None:
         raise ModelError(f"conversion of {gguf.name} failed:\n{done.stderr.strip()[-4000:]}")
 
 
-def prepare(name: str, *, root: Path | None = None, progress: Progress = _quiet) -> Path:
-    """Return the checked Hugging Face folder of built-in model ``name``, building it if needed.
+def prepare(name: str | BuiltinModel, *, root: Path | None = None, progress: Progress = _quiet) -> Path:
+    """Return the checked Hugging Face folder of a built-in model, building it if needed.
 
+    ``name`` is a key of :data:`BUILTIN_MODELS` (``builtin:`` prefix allowed) or a model description.
     Idempotent and safe to run concurrently: a valid folder is returned at once; a damaged one is
-    removed and rebuilt.
+    removed and rebuilt. ``root`` is the cache root (default :func:`cache_root`).
     """
-    model = builtin_model(name)
+    model = builtin_model(name) if isinstance(name, str) else name
     target = model_dir(model, root)
     with _locked(target.parent / f".{model.folder_name}.lock"):
         if target.exists():

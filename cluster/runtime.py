@@ -29,6 +29,8 @@ from cluster.builder import APP_NAME, ROUTE_PREFIX
 
 Progress = Callable[[str], None]
 
+_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")
+
 
 class ClusterError(Exception):
     """Ray or Serve did not do what was asked (start, deploy, become ready)."""
@@ -41,6 +43,8 @@ class LocalRay:
     temp_dir: Path
     gcs_address: str
     token_path: Path
+    previous_env: dict[str, str | None]
+    """The auth variables before this cluster set its own (restored by :meth:`shutdown`)."""
 
     @property
     def log_dir(self) -> Path:
@@ -57,6 +61,15 @@ class LocalRay:
             finally:
                 ray.shutdown()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        _restore_env(self.previous_env)
+
+
+def _restore_env(previous: dict[str, str | None]) -> None:
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @contextlib.contextmanager
@@ -96,6 +109,7 @@ def start_local_ray(
 
     # Short: Ray's unix socket paths under the folder must stay below 108 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="ow-ray-", dir="/tmp"))
+    previous_env = {name: os.environ.get(name) for name in _AUTH_ENV}
     token = _private_token(temp_dir)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict[str, Any] = {
@@ -114,8 +128,14 @@ def start_local_ray(
             ray.init(**kwargs)
     except Exception as exc:
         shutil.rmtree(temp_dir, ignore_errors=True)
+        _restore_env(previous_env)
         raise ClusterError(f"local Ray did not start: {exc}") from exc
-    return LocalRay(temp_dir=temp_dir, gcs_address=ray.get_runtime_context().gcs_address, token_path=token)
+    return LocalRay(
+        temp_dir=temp_dir,
+        gcs_address=ray.get_runtime_context().gcs_address,
+        token_path=token,
+        previous_env=previous_env,
+    )
 
 
 def connect(address: str) -> None:
