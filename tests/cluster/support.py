@@ -1,0 +1,34 @@
+"""Helpers shared by the cluster tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+from collections.abc import Callable
+from typing import TypeVar
+
+import pytest
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+HAS_RAY = importlib.util.find_spec("ray") is not None
+
+F = TypeVar("F", bound=Callable[..., object])
+
+# Importing vLLM (directly or through ray.serve.llm) imports torch APIs that warn about themselves.
+_VLLM_IMPORT_WARNINGS = (
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning",
+    "ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning",
+)
+
+
+def quiet_vllm_import(test: F) -> F:
+    """Ignore the warnings that importing vLLM itself emits (and only those)."""
+    for spec in _VLLM_IMPORT_WARNINGS:
+        test = pytest.mark.filterwarnings(spec)(test)
+    return test
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

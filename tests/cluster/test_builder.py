@@ -1,0 +1,185 @@
+"""Placement, deployment options, LLMConfig and serveConfigV2, built without a running Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cluster.builder import (
+    APP_NAME,
+    IMPORT_PATH,
+    LOCAL_WEIGHTS_CALLBACK,
+    app_from_args,
+    cluster_specs,
+    deployment_config,
+    llm_config_kwargs,
+    serve_config,
+)
+from cluster.config import ServeSpec, load_cluster_config, parse_serve_specs
+from cluster.placement import Strategy, placement
+from router.settings import ConfigError, Settings
+from tests.cluster.support import HAS_RAY, HAS_VLLM, quiet_vllm_import
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def gpu(tp: int = 1, pp: int = 1, **extra: Any) -> ServeSpec:
+    return ServeSpec(source="Qwen/Qwen2.5-7B-Instruct", tensor_parallel_size=tp, pipeline_parallel_size=pp, **extra)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+def test_tensor_parallel_replica_is_one_gpu_bundle_per_shard_on_one_node(tp: int) -> None:
+    plan = placement(gpu(tp))
+    assert plan.bundles == tuple({"GPU": 1.0} for _ in range(tp))
+    assert plan.strategy is Strategy.STRICT_PACK
+    # The replica actor (1 CPU) shares the first bundle, so the whole replica is reserved at once.
+    assert plan.deployment_bundles == [{"GPU": 1.0, "CPU": 1.0}] + [{"GPU": 1.0}] * (tp - 1)
+    assert plan.total("GPU") == tp and plan.total("CPU") == 1
+    assert plan.ray_actor_options() == {"num_cpus": 1.0, "num_gpus": 0.0}
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(1, 2), (2, 2), (4, 2), (8, 2)])
+def test_pipeline_parallel_replica_may_span_nodes(tp: int, pp: int) -> None:
+    plan = placement(gpu(tp, pp))
+    assert plan.devices == tp * pp
+    assert plan.strategy is Strategy.PACK
+
+
+def test_accelerator_type_adds_its_resource_to_every_gpu_bundle() -> None:
+    plan = placement(gpu(2, accelerator_type="H100"))
+    assert all(b["accelerator_type:H100"] == pytest.approx(0.001) for b in plan.bundles)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_cpu_replica_is_cpu_bundles_and_a_replica_actor_without_cpu(tp: int) -> None:
+    plan = placement(ServeSpec(source="x", accelerator="cpu", tensor_parallel_size=tp))
+    assert plan.bundles == tuple({"CPU": 1.0} for _ in range(tp))
+    assert plan.deployment_bundles == [{"CPU": 1.0}] * tp
+    assert plan.ray_actor_options() == {"num_cpus": 0.0, "num_gpus": 0.0}
+    assert plan.placement_group_config() == {"bundles": [{"CPU": 1.0}] * tp, "strategy": "STRICT_PACK"}
+
+
+def test_fixed_replicas_and_back_pressure() -> None:
+    options = deployment_config(gpu(replicas={"min": 2, "max": 2}, max_queued_requests=16, retry_after_s=3))
+    assert options["num_replicas"] == 2 and "autoscaling_config" not in options
+    assert options["max_queued_requests"] == 16
+    assert options["backpressure_config"] == {"status_code": 429, "retry_after_s": 3.0}
+    assert options["max_ongoing_requests"] == 64
+
+
+def test_autoscaling_between_min_and_max() -> None:
+    options = deployment_config(gpu(replicas={"min": 0, "max": 4, "initial": 1}, max_ongoing_requests=32))
+    assert "num_replicas" not in options
+    assert options["autoscaling_config"] == {
+        "min_replicas": 0,
+        "max_replicas": 4,
+        "initial_replicas": 1,
+        "target_ongoing_requests": 16,
+    }
+
+
+def test_unbounded_queue_when_max_queued_requests_is_null() -> None:
+    assert deployment_config(gpu(max_queued_requests=None))["max_queued_requests"] == -1
+
+
+def test_llm_config_kwargs_for_the_builtin_cpu_model() -> None:
+    spec = ServeSpec(source="builtin:smollm2-135m-instruct", accelerator="cpu")
+    kwargs = llm_config_kwargs("smollm2", spec, model_source="/models/smollm2")
+    assert kwargs["model_loading_config"] == {"model_id": "smollm2", "model_source": "/models/smollm2"}
+    assert kwargs["accelerator_config"] == {"kind": "cpu"}
+    assert kwargs["engine_kwargs"]["dtype"] == "float32"
+    assert kwargs["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    assert kwargs["callback_config"] == {"callback_class": LOCAL_WEIGHTS_CALLBACK}
+    assert "accelerator_type" not in kwargs
+
+
+@pytest.mark.skipif(not (HAS_RAY and HAS_VLLM), reason="ray.serve.llm needs Ray and vLLM")
+@quiet_vllm_import
+def test_llm_config_is_built_without_a_running_ray_and_places_like_ray_serve_llm() -> None:
+    import ray
+
+    from cluster.builder import llm_config
+
+    spec = gpu(4, accelerator_type="H100", engine_args={"max_model_len": 8192})
+    config = llm_config("qwen", spec, model_source="Qwen/Qwen2.5-7B-Instruct")
+    assert not ray.is_initialized()
+    assert config.accelerator_type == "H100"
+    engine = config.get_engine_config()
+    assert engine.placement_bundles == [dict(b) for b in placement(spec).bundles]
+    assert engine.placement_strategy == "STRICT_PACK"
+    assert engine.num_devices == 4
+    assert engine.engine_kwargs["max_model_len"] == 8192
+    assert not ray.is_initialized()
+
+
+@pytest.mark.skipif(not (HAS_RAY and HAS_VLLM), reason="ray.serve.llm needs Ray and vLLM")
+@quiet_vllm_import
+def test_replica_hook_is_importable_as_ray_loads_it() -> None:
+    from ray.llm._internal.common.utils.import_utils import load_class
+
+    from cluster.engine_hooks import LocalWeights
+
+    assert load_class(LOCAL_WEIGHTS_CALLBACK) is LocalWeights
+
+
+REMOTE = {"policy": "provider_only", "fallbacks": [{"provider": "p", "model": "remote-model"}]}
+
+
+def settings_for(models: dict[str, Any], cluster_url: str = "http://ray-head:8000/v1") -> Settings:
+    return Settings(cluster={"url": cluster_url}, providers={"p": {"url": "https://p.example/v1"}}, models=models)
+
+
+def test_serve_config_carries_the_serve_blocks_keyed_by_cluster_model_id() -> None:
+    settings = settings_for(
+        {
+            "big": {
+                "cluster_model": "Qwen/Qwen2.5-14B",
+                "serve": {"source": "Qwen/Qwen2.5-14B", "tensor_parallel_size": 2},
+            },
+            "small": {"serve": {"source": "builtin:smollm2-135m-instruct", "accelerator": "cpu"}},
+            "remote": REMOTE,
+        }
+    )
+    specs = cluster_specs(settings, {"big": gpu(2), "small": ServeSpec(source="x")})
+    assert list(specs) == ["Qwen/Qwen2.5-14B", "small"]
+    from cluster.config import serve_specs
+
+    config = serve_config(settings, serve_specs(settings))
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    (app,) = config["applications"]
+    assert (app["name"], app["route_prefix"], app["import_path"]) == (APP_NAME, "/", IMPORT_PATH)
+    blocks = app["args"]["models"]
+    assert blocks == {
+        "Qwen/Qwen2.5-14B": {"source": "Qwen/Qwen2.5-14B", "tensor_parallel_size": 2},
+        "small": {"source": "builtin:smollm2-135m-instruct", "accelerator": "cpu"},
+    }
+    # What the builder entry receives parses back to the same specs.
+    assert parse_serve_specs(blocks) == {k: v for k, v in zip(blocks, serve_specs(settings).values(), strict=True)}
+
+
+@pytest.mark.skipif(not HAS_RAY, reason="needs Ray's Serve schema")
+def test_serve_config_is_a_valid_serve_deploy_config() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    settings, specs = load_cluster_config(ROOT / "deploy/examples/local.yaml")
+    config = serve_config(settings, specs)
+    schema = ServeDeploySchema.model_validate(config)
+    assert schema.http_options.port == 8100
+    assert schema.applications[0].import_path == IMPORT_PATH
+    yaml.safe_load(yaml.safe_dump(config))  # plain data
+
+
+def test_serve_config_needs_a_hosted_model() -> None:
+    settings = settings_for({"remote": REMOTE})
+    with pytest.raises(ConfigError, match="no model has a `serve` block"):
+        serve_config(settings, {})
+
+
+def test_app_builder_rejects_bad_args_before_touching_ray() -> None:
+    with pytest.raises(ConfigError, match=r"models\.m\.serve\.tensor_parallel_size"):
+        app_from_args({"models": {"m": {"source": "x", "tensor_parallel_size": 0}}})
+    with pytest.raises(ConfigError, match=r"args\.models"):
+        app_from_args({})
