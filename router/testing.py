@@ -151,6 +151,8 @@ class FakeUpstream:
         self.default = default
         self.models = list(models)
         self.models_status = 200
+        self.models_hang = False
+        """``GET /v1/models`` never answers (until the client leaves or the fake stops)."""
         self.probes = 0
         self.requests: list[Received] = []
         self.port = port
@@ -240,6 +242,9 @@ class FakeUpstream:
         path, method = scope["path"], scope["method"]
         if path == "/v1/models" and method == "GET":
             self.probes += 1
+            if self.models_hang:
+                await self._hang(receive)
+                return
             data = [{"id": m, "object": "model", "created": 0, "owned_by": self.name} for m in self.models]
             ok = self.models_status == 200
             body = json.dumps({"object": "list", "data": data}).encode() if ok else _error(
@@ -252,6 +257,19 @@ class FakeUpstream:
             await _send_body(send, status, _error(status, f"{method} {path} is not served here"))
             return
         await self._inference(kind, scope, receive, send)
+
+    async def _hang(self, receive: Receive) -> None:
+        """Answer nothing until the client leaves or the fake stops (then drop the connection)."""
+        assert self._closing is not None
+        gone = asyncio.create_task(_wait_disconnect(receive))
+        closing = asyncio.create_task(self._closing.wait())
+        try:
+            await asyncio.wait((gone, closing), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            closing.cancel()
+        if closing.done() and not gone.done():
+            raise _Cut(f"fake upstream {self.name} stopping")
 
     async def _inference(self, kind: str, scope: Message, receive: Receive, send: Send) -> None:
         raw = await _read_body(receive)
@@ -383,12 +401,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--chunks", type=int, default=5, help="content chunks per answer")
     parser.add_argument("--chunk-delay-s", type=float, default=0.0, help="seconds before each chunk")
     parser.add_argument("--model", action="append", help="model id listed by /v1/models (repeatable)")
+    parser.add_argument("--status", type=int, default=200,
+                        help="answer every request (the model list too) with this status and an OpenAI error")
+    parser.add_argument("--hang", action="store_true",
+                        help="accept connections but never answer (inference and the model list)")
     args = parser.parse_args(argv)
-    default = Behavior(chunks=args.chunks, chunk_delay_s=args.chunk_delay_s)
+    default = Behavior(status=args.status, chunks=args.chunks, chunk_delay_s=args.chunk_delay_s, hang=args.hang)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     with FakeUpstream("fake", default=default, port=args.port, models=args.model or ("fake-model",)) as fake:
+        fake.models_status = args.status
+        fake.models_hang = args.hang
         print(fake.url, flush=True)
         done.wait()
 

@@ -1,0 +1,76 @@
+"""``openweight bench <suite>``: benchmarks that print a table, write JSON and draw a chart.
+
+Suites: ``overhead`` (openweight and LiteLLM against a fast fake upstream), ``failover`` (time to
+first token while the cluster refuses, hangs or answers 503, and back). ``router`` is ``overhead``
+without LiteLLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+_SUITES = {
+    "overhead": ("router.bench.overhead", "latency and CPU openweight and LiteLLM add over a fast fake upstream"),
+    "router": ("router.bench.overhead", "the overhead suite without LiteLLM (openweight only)"),
+    "failover": ("router.bench.failover", "time to first token while the cluster refuses, hangs or answers 503"),
+}
+
+
+def positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("a comma-separated list of positive integers, e.g. 1,32")
+    return values
+
+
+def names(choices: tuple[str, ...]) -> Any:
+    def parse(text: str) -> list[str]:
+        values = [part.strip() for part in text.split(",") if part.strip()]
+        unknown = [v for v in values if v not in choices]
+        if not values or unknown:
+            raise argparse.ArgumentTypeError(f"a comma-separated list of {', '.join(choices)}")
+        return values
+
+    return parse
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, help="folder for the JSON and PNG files (default: bench-results/)")
+    parser.add_argument("--no-chart", dest="chart", action="store_false", help="do not draw the PNG chart")
+
+
+def _overhead(parser: argparse.ArgumentParser, litellm: bool) -> None:
+    parser.add_argument("--requests", type=int, default=1000, help="measured requests per scenario")
+    parser.add_argument("--concurrency", type=positive_ints, default=[1, 8, 32, 128] if litellm else [1, 32],
+                        help="comma-separated concurrency levels")
+    parser.add_argument("--chunks", type=int, default=100, help="tokens per answer: stream chunks")
+    targets = ("direct", "openweight", "litellm")
+    parser.add_argument("--targets", type=names(targets), default=list(targets if litellm else targets[:2]),
+                        help="comma-separated: direct, openweight, litellm")
+    parser.add_argument("--json-out", type=Path, help="also copy the JSON report to this file")
+
+
+def _run(args: argparse.Namespace) -> int:
+    module = import_module(_SUITES[args.suite][0])
+    result: dict[str, Any] = module.run(args)
+    return 1 if result.get("failed") or any(row.get("errors") for row in result["rows"]) else 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``bench <suite>`` to the ``openweight`` command line."""
+    bench = subparsers.add_parser("bench", help="benchmarks: print a table, write JSON and a chart")
+    suites = bench.add_subparsers(dest="suite", required=True)
+    for suite, (module, help_text) in _SUITES.items():
+        parser = suites.add_parser(suite, help=help_text, description=import_module(module).__doc__)
+        if suite in ("overhead", "router"):
+            _overhead(parser, litellm=suite == "overhead")
+        else:
+            import_module(module).add_arguments(parser)
+        _common(parser)
+        parser.set_defaults(func=_run, suite=suite)

@@ -1,0 +1,74 @@
+"""The servers the suites start: fake upstreams and the openweight router, each a process of its own."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from router.bench.harness import service
+
+MODEL = "bench-model"
+"""The model every suite asks for; fakes answer under any name."""
+FALLBACK = "fallback"
+"""The provider name of the fallback fake in openweight's config."""
+
+
+@contextlib.contextmanager
+def fake_upstream(port: int, log: IO[bytes], *, chunks: int = 100, chunk_delay_s: float = 0.0,
+                  status: int = 200, hang: bool = False) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m router.testing`` on 127.0.0.1:``port`` (``status``/``hang``: a failing one)."""
+    argv = [sys.executable, "-m", "router.testing", "--port", str(port), "--chunks", str(chunks),
+            "--chunk-delay-s", str(chunk_delay_s), "--model", MODEL, "--status", str(status)]
+    if hang:
+        argv.append("--hang")
+    ready = f"http://127.0.0.1:{port}/v1/models" if status == 200 and not hang else None
+    with service(f"fake upstream :{port}", argv, ready, log) as process:
+        if ready is None:
+            _wait_listening(port, process)
+        yield process
+
+
+def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"fake upstream :{port} exited with status {process.returncode}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"fake upstream :{port} did not listen within {timeout_s:.0f} s")
+
+
+def router_config(primary_url: str, fallback_url: str | None, *, cluster: dict[str, Any] | None = None,
+                  provider: dict[str, Any] | None = None, router: dict[str, Any] | None = None) -> dict[str, Any]:
+    """openweight's config: :data:`MODEL` on the cluster at ``primary_url``, then the fallback provider."""
+    config: dict[str, Any] = {"cluster": {"url": primary_url, **(cluster or {})},
+                              "models": {MODEL: {"policy": "self_hosted_first"}}}
+    if fallback_url is not None:
+        config["providers"] = {FALLBACK: {"url": fallback_url, **(provider or {})}}
+        config["models"][MODEL]["fallbacks"] = [{"provider": FALLBACK, "model": MODEL}]
+    if router:
+        config["router"] = router
+    return config
+
+
+@contextlib.contextmanager
+def openweight(config: dict[str, Any], port: int, directory: Path, log: IO[bytes]) -> Iterator[subprocess.Popen[bytes]]:
+    """The router (``python -m router.cli router``) with ``config`` on 127.0.0.1:``port``, serving openly."""
+    path = directory / f"openweight-{port}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    argv = [sys.executable, "-m", "router.cli", "router", "--config", str(path), "--host", "127.0.0.1",
+            "--port", str(port)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENWEIGHT_")}  # no keys: open on loopback
+    with service("openweight router", argv, f"http://127.0.0.1:{port}/healthz", log, env=env) as process:
+        yield process

@@ -1,0 +1,70 @@
+"""The benchmark harness itself: tiny runs that check each report's shape (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from router.bench.harness import percentile
+from router.bench.report import Column, table
+from router.cli import main
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == 50.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile(values, 1.0) == 100.0
+    assert percentile([], 0.5) != percentile([], 0.5)  # NaN
+
+
+def test_table_prints_missing_values_as_dashes() -> None:
+    text = table([{"a": 1.234, "b": None}], [Column("a", "a", 6), Column("b", "b", 4)])
+    assert text.splitlines() == ["     a    b", "  1.23    -"]
+
+
+def _report(out: Path, suite: str) -> dict[str, object]:
+    files = list(out.glob(f"{suite}-*.json"))
+    assert len(files) == 1
+    assert len(list(out.glob(f"{suite}-*.png"))) == 1
+    report: dict[str, object] = json.loads(files[0].read_text())
+    return report
+
+
+def test_overhead_report_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["bench", "router", "--requests", "20", "--concurrency", "1,4", "--chunks", "5",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    report = _report(tmp_path, "router")
+    rows = report["rows"]
+    assert isinstance(rows, list)
+    assert [(r["target"], r["mode"], r["concurrency"]) for r in rows] == [
+        (target, mode, c) for mode in ("plain", "stream") for c in (1, 4) for target in ("direct", "openweight")
+    ]
+    assert all(r["errors"] == 0 and r["requests"] == 20 for r in rows)
+    routed = [r for r in rows if r["target"] == "openweight"]
+    assert all(r["cpu_ms_per_request"] >= 0 and r["added_p50_ms"] is not None for r in routed)
+    assert all(r["cpu_us_per_chunk"] is not None for r in routed if r["mode"] == "stream")
+    assert report["machine"] and report["load_average_before"] and report["load_average_after"]
+    printed = capsys.readouterr().out
+    assert "openweight bench router" in printed and "cpu ms/req" in printed
+
+
+def test_failover_report_shape(tmp_path: Path) -> None:
+    code = main(["bench", "failover", "--routers", "openweight", "--faults", "refuse,503", "--requests", "8",
+                 "--chunks", "3", "--out", str(tmp_path)])
+    assert code == 0
+    report = _report(tmp_path, "failover")
+    rows = report["rows"]
+    assert isinstance(rows, list)
+    assert [(r["router"], r["fault"]) for r in rows] == [("openweight", "refuse"), ("openweight", "503")]
+    for row in rows:
+        assert row["errors"] == 0
+        assert len(row["requests"]) == 8
+        # at most five failures open the circuit (the default threshold; failed probes count too),
+        # after which requests skip the primary
+        assert 1 <= row["tried_primary"] <= 5
+        assert not row["requests"][-1]["tried_primary"]
+        assert row["recovery_s"] is not None
