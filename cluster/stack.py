@@ -99,7 +99,7 @@ class LocalStack:
     timings: Timings = field(default_factory=Timings)
     _local_ray: Any = None
     _router: subprocess.Popen[bytes] | None = None
-    _configs: list[Any] = field(default_factory=list)
+    _sources: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         try:
@@ -132,11 +132,10 @@ class LocalStack:
         try:
             self._check_ports()
             t0 = time.monotonic()
-            sources = self._prepare()
+            self._sources = self._prepare()
             t1 = time.monotonic()
             self._start_ray()
             t2 = time.monotonic()
-            self._configs = self._llm_configs(sources)
             self.deploy()
             t3 = time.monotonic()
             if self.with_router:
@@ -169,8 +168,6 @@ class LocalStack:
         from cluster.runtime import start_local_ray, start_serve
 
         self.progress(f"[2/{self._steps}] local Ray")
-        for name in ("ray.serve", "ray.llm"):  # their INFO lines (deployment option dumps) drown the progress
-            logging.getLogger(name).setLevel(logging.WARNING)
         needed = sum(
             placement(spec).total("CPU") * (spec.replicas.initial or spec.replicas.min or 1)
             for spec in self.specs.values()
@@ -181,10 +178,10 @@ class LocalStack:
         ray_env = f"RAY_ADDRESS={self._local_ray.gcs_address} RAY_AUTH_TOKEN_PATH={self._local_ray.token_path}"
         self.progress(f"  Ray up ({ray_env}); logs in {self._local_ray.log_dir}")
 
-    def _llm_configs(self, sources: dict[str, str]) -> list[Any]:
+    def _llm_configs(self) -> list[Any]:
         from cluster.builder import llm_config
 
-        return [llm_config(mid, spec, model_source=sources[mid]) for mid, spec in self.specs.items()]
+        return [llm_config(mid, spec, model_source=self._sources[mid]) for mid, spec in self.specs.items()]
 
     def deploy(self) -> None:
         """Deploy (or deploy again) the Serve application and wait until it runs."""
@@ -192,7 +189,9 @@ class LocalStack:
         from cluster.runtime import deploy
 
         self.progress(f"[3/{self._steps}] deploying " + ", ".join(self.specs) + " (vLLM engine start takes a while)")
-        deploy(build_app(self._configs), timeout_s=self.deploy_timeout_s, progress=self.progress)
+        for name in ("ray.serve", "ray.llm"):  # their INFO lines (deployment option dumps) drown the progress
+            logging.getLogger(name).setLevel(logging.WARNING)
+        deploy(build_app(self._llm_configs()), timeout_s=self.deploy_timeout_s, progress=self.progress)
         self.progress(f"  cluster ready at {self.settings.cluster.url}")
 
     def undeploy(self) -> None:

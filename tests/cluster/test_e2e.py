@@ -1,0 +1,154 @@
+"""End to end: real Ray + real vLLM (CPU) + the built-in model, behind the real router.
+
+One local stack for the whole session (the same :class:`cluster.stack.LocalStack` as
+``openweight run``): the model's Serve app on a private Ray, and the router as a child process
+whose only provider fallback is a :class:`router.testing.FakeUpstream`. Deleting the Serve app
+moves traffic to the fallback; deploying it again brings it back to the cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from router.testing import FakeUpstream
+from tests.cluster.support import HAS_RAY, HAS_VLLM, free_port
+
+MODEL = "smollm2-135m-instruct"
+QUESTION = "What is the capital of France?"
+UPSTREAM = "x-openweight-upstream"
+
+pytestmark = [
+    pytest.mark.cluster,
+    pytest.mark.skipif(not (HAS_RAY and HAS_VLLM), reason="needs Ray and vLLM"),
+    # Importing vLLM (through ray.serve.llm, in the stack's driver) imports torch APIs that warn.
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning"),
+]
+
+
+class Stack:
+    def __init__(self, local: Any, fallback: FakeUpstream, router_log: Path) -> None:
+        self.local = local
+        self.fallback = fallback
+        self.router_log = router_log
+        self.client = httpx.Client(base_url=local.router_url, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    from cluster.stack import LocalStack
+
+    folder = tmp_path_factory.mktemp("e2e")
+    fast = {"failure_threshold": 2, "reset_timeout_s": 1.0}
+    with FakeUpstream("fallback") as fallback:
+        config = {
+            "router": {"host": "127.0.0.1", "port": free_port(), "probe_interval_s": 0.5},
+            "cluster": {"url": f"http://127.0.0.1:{free_port()}/v1", "first_byte_timeout_s": 60, "circuit": fast},
+            "providers": {"fallback": {"url": fallback.url, "circuit": fast}},
+            "models": {
+                MODEL: {
+                    "serve": {"source": f"builtin:{MODEL}", "accelerator": "cpu", "max_ongoing_requests": 16},
+                    "fallbacks": [{"provider": "fallback", "model": "fake-model"}],
+                }
+            },
+        }
+        path = folder / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        router_log = folder / "router.log"
+        with router_log.open("wb") as log:
+            local = LocalStack(path, router_output=log, metrics_export_port=None, deploy_timeout_s=600)
+            local.start()
+            try:
+                yield Stack(local, fallback, router_log)
+            finally:
+                local.stop()
+
+
+def chat(stream: bool = False) -> dict[str, Any]:
+    messages = [{"role": "user", "content": QUESTION}]
+    return {"model": MODEL, "messages": messages, "temperature": 0, "max_tokens": 30, "stream": stream}
+
+
+def completion(stream: bool = False) -> dict[str, Any]:
+    prompt = "The capital of France is"
+    return {"model": MODEL, "prompt": prompt, "temperature": 0, "max_tokens": 8, "stream": stream}
+
+
+def sse_events(response: httpx.Response) -> list[Any]:
+    events: list[Any] = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line.removeprefix("data: ")
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_chat(stack: Stack) -> None:
+    response = stack.client.post("/v1/chat/completions", json=chat())
+    assert response.status_code == 200, response.text
+    assert response.headers[UPSTREAM] == "cluster"
+    body = response.json()
+    assert body["model"] == MODEL
+    assert "Paris" in body["choices"][0]["message"]["content"]
+
+
+def test_chat_stream(stack: Stack) -> None:
+    with stack.client.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as response:
+        assert response.status_code == 200
+        assert response.headers[UPSTREAM] == "cluster"
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"])
+    assert "Paris" in text
+
+
+def test_completion(stack: Stack) -> None:
+    response = stack.client.post("/v1/completions", json=completion())
+    assert response.status_code == 200, response.text
+    assert response.headers[UPSTREAM] == "cluster"
+    assert "Paris" in response.json()["choices"][0]["text"]
+
+
+def test_completion_stream(stack: Stack) -> None:
+    with stack.client.stream("POST", "/v1/completions", json=completion(stream=True)) as response:
+        assert response.status_code == 200
+        assert response.headers[UPSTREAM] == "cluster"
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    assert "Paris" in "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
+
+
+def upstream_of_next_answer(stack: Stack, want: str, timeout_s: float) -> tuple[str, list[str]]:
+    """Ask until the answer comes from ``want``; return it and what answered before."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        response = stack.client.post("/v1/chat/completions", json=chat())
+        upstream = response.headers.get(UPSTREAM, f"HTTP {response.status_code}")
+        if upstream == want and response.status_code == 200:
+            return upstream, seen
+        seen.append(upstream)
+        time.sleep(0.5)
+    raise AssertionError(f"no answer from {want} within {timeout_s} s; answers came from {seen}")
+
+
+def test_fallback_while_the_app_is_gone_then_back_to_the_cluster(stack: Stack) -> None:
+    stack.local.undeploy()
+    requests_before = len(stack.fallback.requests)
+    upstream, _ = upstream_of_next_answer(stack, "fallback", timeout_s=30)
+    assert upstream == "fallback"
+    assert stack.fallback.requests[requests_before].body["model"] == "fake-model"
+
+    stack.local.deploy()
+    upstream, _ = upstream_of_next_answer(stack, "cluster", timeout_s=60)
+    response = stack.client.post("/v1/chat/completions", json=chat())
+    assert response.headers[UPSTREAM] == "cluster"
+    assert "Paris" in response.json()["choices"][0]["message"]["content"]
