@@ -132,6 +132,8 @@ class Health:
         self.breakers = {name: Breaker(config, clock) for name, config in circuits.items()}
         self._on_change = on_change
         self._cluster_in_flight: dict[str, int] = {}
+        self._reported: dict[str, CircuitState] = {}
+        """The circuit state last passed to `on_change`, per upstream."""
 
     def snapshot(self) -> HealthSnapshot:
         now = self.clock()
@@ -155,8 +157,10 @@ class Health:
         self.breakers[name].release()
 
     def success(self, name: str) -> None:
-        self.breakers[name].success()
-        self._changed(name)
+        breaker = self.breakers[name]
+        breaker.success()
+        if breaker.state is not self._reported.get(name):  # closed and staying closed: nothing to report
+            self._changed(name)
 
     def failure(self, name: str) -> None:
         self.breakers[name].failure()
@@ -166,9 +170,10 @@ class Health:
         self.breakers[name].defer(seconds)
 
     def _changed(self, name: str) -> None:
+        b = self.breakers[name]
+        self._reported[name] = state = b.state
         if self._on_change is not None:
-            b = self.breakers[name]
-            self._on_change(name, UpstreamHealth(b.state, b.deferred_until > self.clock(), b.probe_ok))
+            self._on_change(name, UpstreamHealth(state, b.deferred_until > self.clock(), b.probe_ok))
 
     def publish(self) -> None:
         """Report every upstream's current state (time alone can move open -> half-open)."""

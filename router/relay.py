@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from router.dispatch import Committed
@@ -38,15 +39,12 @@ def usage_of(payload: object) -> tuple[int, int] | None:
     )
 
 
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+
+
 def _has_usage(data: bytes) -> bool:
     """Whether `data` holds a `"usage"` key with an object value (most chunks carry `"usage": null`)."""
-    at = data.find(b'"usage"')
-    while at >= 0:
-        value = data[at + 7 : at + 16].lstrip(b" :")
-        if value.startswith(b"{"):
-            return True
-        at = data.find(b'"usage"', at + 7)
-    return False
+    return b'"usage"' in data and _USAGE_OBJECT.search(data) is not None
 
 
 class SseTracker:

@@ -7,11 +7,22 @@ stream asks its upstream for the usage chunk (stripped again if the client did n
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from router.errors import InvalidRequest
+
+_WHITESPACE = " \t\n\r"
+_SPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+_SCAN_STRING = json.decoder.scanstring  # type: ignore[attr-defined]
+_SCAN_VALUE: Any = _DECODER.scan_once  # type: ignore[attr-defined]
+_encode_string = json.encoder.encode_basestring
+_ASK_USAGE = '"stream_options":{"include_usage":true},'
+Spans = dict[str, tuple[int, int]]
+"""Where each top-level value of the body's text starts and ends: edits splice there."""
 
 
 class Endpoint(StrEnum):
@@ -33,17 +44,92 @@ class ParsedRequest:
     """The client asked for the usage chunk of a stream itself."""
     data: dict[str, Any]
     raw: bytes
+    text: str = ""
+    """`raw` decoded (empty when `spans` is None)."""
+    spans: Spans | None = None
 
     def body_for(self, model_id: str) -> bytes:
-        """The body to send to an upstream that calls this model `model_id`."""
+        """The body to send to an upstream that calls this model `model_id`.
+
+        The client's bytes are kept: the new `model` and `stream_options` values are spliced in
+        where the old ones were (`stream_options` after the opening brace when there was none),
+        never re-encoding the rest, which for a long prompt costs more than all else the router does.
+        """
         add_usage = self.stream and not self.wants_usage
         if self.model == model_id and not add_usage:
             return self.raw
-        data = dict(self.data)
-        data["model"] = model_id
+        if self.spans is None or "model" not in self.spans:
+            data = dict(self.data)
+            data["model"] = model_id
+            if add_usage:
+                data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
+            return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+        edits = []  # (start, end, replacement) in the text
+        if self.model != model_id:
+            edits.append((*self.spans["model"], _encode_string(model_id)))
         if add_usage:
-            data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
-        return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+            where = self.spans.get("stream_options")
+            if where is None:
+                brace = self.text.index("{") + 1
+                edits.append((brace, brace, _ASK_USAGE))
+            else:
+                options = {**(self.data.get("stream_options") or {}), "include_usage": True}
+                edits.append((*where, json.dumps(options, ensure_ascii=False, separators=(",", ":"))))
+        edits.sort()
+        if len(self.text) != len(self.raw):  # not all ASCII: text offsets are not byte offsets
+            return "".join(_pieces(self.text, edits)).encode()
+        return b"".join(_pieces(memoryview(self.raw), [(a, b, r.encode()) for a, b, r in edits]))
+
+
+def _pieces(whole: Any, edits: list[tuple[int, int, Any]]) -> list[Any]:
+    """`whole` cut around `edits` (sorted, not overlapping), each range replaced by its replacement."""
+    pieces: list[Any] = []
+    done = 0
+    for start, end, replacement in edits:
+        pieces += (whole[done:start], replacement)
+        done = end
+    pieces.append(whole[done:])
+    return pieces
+
+
+def _scan_object(text: str) -> tuple[dict[str, Any], Spans] | None:
+    """A JSON object and the span of each top-level value, or None for anything else or any error
+    (then :func:`json.loads` gives the verdict and its message). Keys and values are decoded by the
+    json module's own C scanner, so this costs little more than ``json.loads``."""
+    space, scan_key, scan_value = _SPACE.match, _SCAN_STRING, _SCAN_VALUE
+    data: dict[str, Any] = {}
+    spans: Spans = {}
+    try:
+        at = space(text).end()  # type: ignore[union-attr]
+        if text[at] != "{":
+            return None
+        at += 1
+        while True:
+            if text[at] in _WHITESPACE:
+                at = at + 1 if text[at + 1] not in _WHITESPACE else space(text, at).end()  # type: ignore[union-attr]
+            if text[at] != '"':
+                break  # `}` of an empty object, or an error
+            key, at = scan_key(text, at + 1)
+            if text[at] in _WHITESPACE:
+                at = at + 1 if text[at + 1] not in _WHITESPACE else space(text, at).end()  # type: ignore[union-attr]
+            if text[at] != ":":
+                return None
+            at += 1
+            if text[at] in _WHITESPACE:
+                at = at + 1 if text[at + 1] not in _WHITESPACE else space(text, at).end()  # type: ignore[union-attr]
+            data[key], end = scan_value(text, at)
+            spans[key] = (at, end)
+            at = end
+            if text[at] in _WHITESPACE:
+                at = at + 1 if text[at + 1] not in _WHITESPACE else space(text, at).end()  # type: ignore[union-attr]
+            if text[at] != ",":
+                break
+            at += 1
+        if text[at] != "}" or (spans and text[at - 1] == ",") or text[at + 1 :].strip(_WHITESPACE):
+            return None
+    except (ValueError, IndexError, StopIteration):
+        return None
+    return data, spans
 
 
 def parse_request(endpoint: Endpoint, body: bytes) -> ParsedRequest:
@@ -51,11 +137,18 @@ def parse_request(endpoint: Endpoint, body: bytes) -> ParsedRequest:
     if not body:
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
-        data = json.loads(body)
+        text = body.decode(json.detect_encoding(body), "surrogatepass")
     except UnicodeDecodeError:
         raise InvalidRequest("the request body is not valid UTF-8") from None
-    except ValueError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    scanned = _scan_object(text)
+    spans: Spans | None = None
+    if scanned is not None:
+        data, spans = scanned
+    else:
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
     model = data.get("model")
@@ -76,4 +169,4 @@ def parse_request(endpoint: Endpoint, body: bytes) -> ParsedRequest:
     if options is not None and not stream:
         raise InvalidRequest("`stream_options` is only allowed when `stream` is true", param="stream_options")
     wants_usage = bool(options and options.get("include_usage") is True)
-    return ParsedRequest(endpoint, model, stream, wants_usage, data, body)
+    return ParsedRequest(endpoint, model, stream, wants_usage, data, body, text if spans else "", spans)

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from router.errors import InvalidRequest
 from router.health import Breaker, CircuitState, HealthSnapshot, UpstreamHealth
@@ -174,3 +176,36 @@ def test_parse_request_rewrites_only_the_model_and_usage_option():
     assert plain.body_for("m") == b'{"model": "m", "n": 2}'  # forwarded byte for byte
     with pytest.raises(InvalidRequest, match="stream_options"):
         parse_request(Endpoint.CHAT, b'{"model": "m", "stream_options": {"include_usage": true}}')
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    extra=st.dictionaries(st.text(max_size=8).filter(lambda k: k not in ("model", "stream", "stream_options")),
+                          _json_values, max_size=4),
+    options=st.none() | st.dictionaries(st.sampled_from(["include_usage", "continuous_usage_stats"]),
+                                        st.booleans(), max_size=2),
+    stream=st.booleans(), model_first=st.booleans(), ascii_only=st.booleans(), spaced=st.booleans(),
+    model_id=st.text(min_size=1, max_size=12),
+)
+def test_body_for_splices_what_a_re_encoding_would_give(extra, options, stream, model_first, ascii_only, spaced,
+                                                       model_id):
+    body = {"model": "m", **extra} if model_first else {**extra, "model": "m"}
+    body["stream"] = stream
+    if stream and options is not None:
+        body["stream_options"] = options
+    separators = (", ", ": ") if spaced else (",", ":")
+    raw = json.dumps(body, ensure_ascii=ascii_only, separators=separators).encode()
+    parsed = parse_request(Endpoint.CHAT, raw)
+    expected = {**body, "model": model_id}
+    if stream and not parsed.wants_usage:
+        expected["stream_options"] = {**(options or {}), "include_usage": True}
+    assert json.loads(parsed.body_for(model_id)) == expected
+    if model_id == "m" and not (stream and not parsed.wants_usage):
+        assert parsed.body_for(model_id) is raw
