@@ -27,6 +27,16 @@ def test_cluster_serves_first_and_gets_the_request_untouched(fakes):
     assert prov.requests == []
 
 
+def test_an_upstream_s_cookies_never_go_out_with_later_requests(fakes):
+    cluster = fakes("cluster")
+    cluster.script(Behavior(headers={"set-cookie": "session=abc; Path=/"}))
+    by_name = f"http://localhost:{cluster.port}/v1"  # cookie jars ignore cookies from IP addresses
+    with RouterServer(make_settings(by_name)) as router, router.client() as client:
+        for _ in range(2):
+            assert client.post("/v1/chat/completions", json=chat()).status_code == 200
+    assert [("cookie" in sent.headers) for sent in cluster.requests] == [False, False]
+
+
 def test_provider_gets_its_own_model_id_and_key(fakes, monkeypatch):
     monkeypatch.setenv("PROV_KEY", "sk-provider-secret")
     cluster, prov = fakes("cluster", default=Behavior(status=500)), fakes("prov")

@@ -102,6 +102,8 @@ class HttpUpstream:
                 headers=self._headers,
                 timeout=self._timeout,
                 auto_decompress=False,
+                # Never keep an upstream's cookies: they would go out again with other clients' requests.
+                cookie_jar=aiohttp.DummyCookieJar(),
                 # Never read proxy settings or netrc credentials from the environment for upstream calls.
                 trust_env=False,
                 skip_auto_headers=("user-agent",),
