@@ -137,7 +137,7 @@ def parse_request(endpoint: Endpoint, body: bytes) -> ParsedRequest:
     if not body:
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
-        text = body.decode(json.detect_encoding(body), "surrogatepass")
+        text = body.decode(json.detect_encoding(body))  # strict: a lone surrogate could not be re-encoded
     except UnicodeDecodeError:
         raise InvalidRequest("the request body is not valid UTF-8") from None
     scanned = _scan_object(text)

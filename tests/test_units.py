@@ -209,3 +209,10 @@ def test_body_for_splices_what_a_re_encoding_would_give(extra, options, stream, 
     assert json.loads(parsed.body_for(model_id)) == expected
     if model_id == "m" and not (stream and not parsed.wants_usage):
         assert parsed.body_for(model_id) is raw
+
+
+def test_bodies_that_could_not_be_re_encoded_are_refused():
+    with pytest.raises(InvalidRequest, match="UTF-8"):
+        parse_request(Endpoint.CHAT, b'{"model": "m", "x": "\xed\xa0\x80", "stream": true}')
+    escaped = parse_request(Endpoint.CHAT, b'{"model": "m", "x": "\\ud800", "stream": true}')
+    assert b'"x": "\\ud800"' in escaped.body_for("other")
