@@ -6,7 +6,9 @@ A local Ray started here never touches another Ray on the machine:
 - node address 127.0.0.1 and the dashboard off (GCS, raylet and the metrics agent still bind all
   interfaces - Ray offers no way around that - so token authentication stays on, with a token
   private to this cluster rather than ``~/.ray/auth_token``);
-- GCS and worker ports are Ray's random ones; Serve HTTP and the metrics port come from the caller;
+- GCS, dashboard and worker ports are random free ones, not Ray's defaults; Serve HTTP and the
+  metrics port come from the caller;
+- workers (the engines) run at normal priority instead of Ray's nice 15;
 - stopping is ``ray.shutdown()`` from the process that started it, never ``ray stop`` (which kills
   every Ray on the machine).
 """
@@ -18,6 +20,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +32,9 @@ from cluster.builder import APP_NAME, ROUTE_PREFIX
 
 Progress = Callable[[str], None]
 
-_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN")
+_NICENESS = "RAY_worker_niceness"  # Ray's own spelling (a RayConfig entry)
+_OWN_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN", _NICENESS)
+"""Variables a local Ray of ours sets for its processes (restored when it stops)."""
 
 
 class ClusterError(Exception):
@@ -44,7 +49,7 @@ class LocalRay:
     gcs_address: str
     token_path: Path
     previous_env: dict[str, str | None]
-    """The auth variables before this cluster set its own (restored by :meth:`shutdown`)."""
+    """Ray variables before this cluster set its own (restored by :meth:`shutdown`)."""
 
     @property
     def log_dir(self) -> Path:
@@ -62,6 +67,12 @@ class LocalRay:
                 ray.shutdown()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         _restore_env(self.previous_env)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _restore_env(previous: dict[str, str | None]) -> None:
@@ -91,10 +102,15 @@ def _private_token(temp_dir: Path) -> Path:
     os.environ["RAY_AUTH_MODE"] = "token"
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
     os.environ.pop("RAY_AUTH_TOKEN", None)
+    _reload_ray_config()
+    return path
+
+
+def _reload_ray_config() -> None:
+    """Ray caches the auth mode it read at import; make it read the environment again."""
     from ray._raylet import Config  # type: ignore[attr-defined]
 
-    Config.initialize("")  # Ray caches the mode read at import; make it see ours
-    return path
+    Config.initialize("")
 
 
 def start_local_ray(
@@ -109,14 +125,17 @@ def start_local_ray(
 
     # Short: Ray's unix socket paths under the folder must stay below 108 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="ow-ray-", dir="/tmp"))
-    previous_env = {name: os.environ.get(name) for name in _AUTH_ENV}
+    previous_env = {name: os.environ.get(name) for name in _OWN_ENV}
     token = _private_token(temp_dir)
+    # Ray starts workers at nice 15; here the workers are the engine, the reason the stack exists.
+    os.environ[_NICENESS] = "0"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     kwargs: dict[str, Any] = {
         "address": "local",
         "_temp_dir": str(temp_dir),
         "_node_ip_address": "127.0.0.1",
-        "include_dashboard": False,
+        "include_dashboard": False,  # the dashboard head still runs (jobs API): keep it off 8265
+        "dashboard_port": _free_port(),
         "num_cpus": num_cpus,
         "num_gpus": num_gpus,
         "log_to_driver": log_to_driver,
@@ -139,9 +158,16 @@ def start_local_ray(
 
 
 def connect(address: str) -> None:
-    """Join the Ray cluster at ``address`` (``RAY_ADDRESS`` format) as a driver."""
+    """Join the Ray cluster at ``address`` (``RAY_ADDRESS`` format) as a driver.
+
+    With ``RAY_AUTH_TOKEN_PATH`` or ``RAY_AUTH_TOKEN`` set, token authentication is used.
+    """
     import ray
 
+    has_token = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.environ.get("RAY_AUTH_TOKEN")
+    if has_token and "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"  # a token was given: use it
+        _reload_ray_config()
     try:
         with _keep_sigterm_handler():
             ray.init(address=address, log_to_driver=False)

@@ -176,7 +176,8 @@ class LocalStack:
         self._local_ray = start_local_ray(num_cpus=num_cpus, metrics_export_port=self.metrics_export_port)
         start_serve(host=self.serve_host, port=self.serve_port)
         ray_env = f"RAY_ADDRESS={self._local_ray.gcs_address} RAY_AUTH_TOKEN_PATH={self._local_ray.token_path}"
-        self.progress(f"  Ray up ({ray_env}); logs in {self._local_ray.log_dir}")
+        self.progress(f"  Ray up; logs in {self._local_ray.log_dir}")
+        self.progress(f"  to reach it (e.g. `openweight cluster status`): {ray_env}")
 
     def _llm_configs(self) -> list[Any]:
         from cluster.builder import llm_config
