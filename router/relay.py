@@ -68,7 +68,10 @@ class SseTracker:
             self._pending = data
             return b""
         end += len(_EVENT_END)
-        complete, self._pending = data[:end], data[end:]
+        if end == len(data):  # the usual case: the chunk ends with an event; no copies
+            complete, self._pending = data, b""
+        else:
+            complete, self._pending = data[:end], data[end:]
         if _DONE in complete:
             self.done = True
         if _has_usage(complete):

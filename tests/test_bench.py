@@ -68,3 +68,11 @@ def test_failover_report_shape(tmp_path: Path) -> None:
         assert 1 <= row["tried_primary"] <= 5
         assert not row["requests"][-1]["tried_primary"]
         assert row["recovery_s"] is not None
+
+
+@pytest.mark.parametrize("suite", ["overhead", "router", "failover", "e2e", "soak"])
+def test_every_suite_has_a_command(suite: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", suite, "--help"])
+    assert exit_.value.code == 0
+    assert "--out" in capsys.readouterr().out

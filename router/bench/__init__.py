@@ -1,7 +1,8 @@
 """``openweight bench <suite>``: benchmarks that print a table, write JSON and draw a chart.
 
 Suites: ``overhead`` (openweight and LiteLLM against a fast fake upstream), ``failover`` (time to
-first token while the cluster refuses, hangs or answers 503, and back). ``router`` is ``overhead``
+first token while the cluster refuses, hangs or answers 503, and back), ``e2e`` (the local stack
+against vLLM's own server), ``soak`` (a vLLM replica killed under load). ``router`` is ``overhead``
 without LiteLLM.
 """
 
@@ -16,6 +17,8 @@ _SUITES = {
     "overhead": ("router.bench.overhead", "latency and CPU openweight and LiteLLM add over a fast fake upstream"),
     "router": ("router.bench.overhead", "the overhead suite without LiteLLM (openweight only)"),
     "failover": ("router.bench.failover", "time to first token while the cluster refuses, hangs or answers 503"),
+    "e2e": ("router.bench.e2e", "tokens/s and TTFT through the local stack vs vLLM's own server"),
+    "soak": ("router.bench.soak", "steady streaming load while the vLLM replica is killed"),
 }
 
 
@@ -53,6 +56,8 @@ def _overhead(parser: argparse.ArgumentParser, litellm: bool) -> None:
     targets = ("direct", "openweight", "litellm")
     parser.add_argument("--targets", type=names(targets), default=list(targets if litellm else targets[:2]),
                         help="comma-separated: direct, openweight, litellm")
+    parser.add_argument("--litellm-requests", type=int, default=200,
+                        help="measured requests per scenario for LiteLLM (slower: fewer are enough for its CPU)")
     parser.add_argument("--json-out", type=Path, help="also copy the JSON report to this file")
 
 

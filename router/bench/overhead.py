@@ -65,7 +65,8 @@ def _row(target: str, stream: bool, concurrency: int, requests: int, chunks: int
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every scenario; prints the table, writes JSON and the chart; returns the report."""
     targets = list(args.targets)
-    settings = {"requests": args.requests, "chunks": args.chunks, "concurrency": args.concurrency,
+    settings = {"requests": args.requests, "litellm_requests": args.litellm_requests, "chunks": args.chunks,
+                "concurrency": args.concurrency,
                 "targets": targets, "litellm": litellm.VERSION if "litellm" in targets else None}
     result = report.new_report(args.suite, settings)
     if "litellm" in targets:
@@ -95,9 +96,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     for target in targets:
                         url, pids = urls[target]
                         watch = {**pids, "upstream": upstream.pid}
+                        count = args.litellm_requests if target == "litellm" else args.requests
                         load = asyncio.run(run_load(f"{url}/chat/completions", request_body(stream, args.chunks),
-                                                    concurrency=concurrency, requests=args.requests, watch=watch))
-                        rows.append(_row(target, stream, concurrency, args.requests, args.chunks, load, pids))
+                                                    concurrency=concurrency, requests=count, watch=watch))
+                        rows.append(_row(target, stream, concurrency, count, args.chunks, load, pids))
                     _added(rows)
                     result["rows"] += rows
         except RuntimeError:

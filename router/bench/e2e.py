@@ -1,0 +1,140 @@
+"""`openweight bench e2e`: the real local stack on CPU against vLLM's own OpenAI server.
+
+The same streaming load (``--concurrency`` clients, ``--requests`` chat requests each round, every
+answer exactly ``--max-tokens`` tokens: ``ignore_eos``, temperature 0) goes to:
+
+- ``vllm``: ``python -m vllm.entrypoints.openai.api_server`` with the model folder, engine arguments
+  and environment the Serve replica gets (measured first, then stopped);
+- ``serve``: the Ray Serve OpenAI ingress of the local stack (``cluster.stack.LocalStack``);
+- ``router``: openweight in front of that same stack (router -> Ray Serve -> vLLM).
+
+``serve`` and ``router`` take turns in each round. Reported per run: output tokens/s (from each
+answer's ``usage``), time to first token, request latency, errors, the router's CPU per request;
+then the ratio of each stack path to vLLM's own server. Engine start-up takes minutes on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from router.bench import report
+from router.bench.harness import percentile, run_load
+from router.bench.report import Column
+from router.bench.servers import openweight
+from router.bench.stack import MODEL, local_stack, stack_config, vllm_server, write_config
+
+PROMPT = "Write a short story about a robot who learns to paint."
+
+COLUMNS = [
+    Column("target", "target", 7), Column("round", "round", 5), Column("requests", "requests", 8),
+    Column("tokens", "tokens", 7), Column("tokens_per_s", "tok/s", 8, 1), Column("ttft_p50_ms", "TTFT p50", 9, 0),
+    Column("ttft_p99_ms", "TTFT p99", 9, 0), Column("latency_p50_s", "lat p50 s", 9), Column("errors", "errors", 6),
+    Column("router_cpu_ms_per_request", "router ms/req", 13, 2),
+]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--concurrency", type=int, default=8, help="concurrent streaming clients")
+    parser.add_argument("--requests", type=int, default=32, help="requests per target and round")
+    parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per answer")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds (stack targets take turns in each)")
+
+
+def request_body(max_tokens: int) -> bytes:
+    return json.dumps({
+        "model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+        "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+    }).encode()
+
+
+def _measure(target: str, round_: int, url: str, args: argparse.Namespace, router_pid: int | None) -> dict[str, Any]:
+    watch = {"router": router_pid} if router_pid else {}
+    load = asyncio.run(run_load(f"{url}/chat/completions", request_body(args.max_tokens), concurrency=args.concurrency,
+                                requests=args.requests, watch=watch, tree=False, warmup=1, timeout_s=600))
+    ok = [r for r in load.results if r.ok]
+    ttfts = sorted(r.ttft_s or 0.0 for r in ok)
+    tokens = sum(r.completion_tokens or 0 for r in ok)
+    row: dict[str, Any] = {
+        "target": target, "round": round_, "requests": len(load.results), "errors": len(load.results) - len(ok),
+        "seconds": round(load.seconds, 2), "tokens": tokens, "tokens_per_s": round(tokens / load.seconds, 1),
+        "ttft_p50_ms": round(percentile(ttfts, 0.5) * 1000, 1), "ttft_p99_ms": round(percentile(ttfts, 0.99) * 1000, 1),
+        "latency_p50_s": round(percentile(sorted(r.seconds for r in ok), 0.5), 2),
+    }
+    if router_pid:
+        row["router_cpu_ms_per_request"] = round(load.cpu_s["router"] * 1000 / args.requests, 2)
+    print(report.table([row], COLUMNS), flush=True)
+    return row
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """vLLM's own server, then the stack with and without the router; prints, writes JSON and the chart."""
+    settings = {"concurrency": args.concurrency, "requests": args.requests, "max_tokens": args.max_tokens,
+                "rounds": args.rounds, "prompt": PROMPT, "model": MODEL}
+    result = report.new_report("e2e", settings)
+    with tempfile.TemporaryDirectory(prefix="openweight-bench-") as tmp, \
+            open(Path(tmp) / "processes.log", "w+b") as log:
+        config = stack_config()
+        path = write_config(config, Path(tmp))
+        try:
+            with vllm_server(path, log) as url:
+                for round_ in range(1, args.rounds + 1):
+                    result["rows"].append(_measure("vllm", round_, url, args, None))
+            with local_stack(path, log), \
+                    openweight(config, config["router"]["port"], Path(tmp), log) as router:
+                router_url = f"http://127.0.0.1:{config['router']['port']}/v1"
+                for round_ in range(1, args.rounds + 1):
+                    order = [("router", router_url, router.pid), ("serve", config["cluster"]["url"], None)]
+                    for target, url, pid in order if round_ % 2 else order[::-1]:
+                        result["rows"].append(_measure(target, round_, url, args, pid))
+        except RuntimeError:
+            log.seek(0)
+            print(log.read().decode(errors="replace")[-6000:])
+            raise
+    result["summary"] = summary(result["rows"])
+    text = report.table(result["rows"], COLUMNS) + "\n\n" + "\n".join(result["summary"])
+    report.finish(result, text, args.out, chart if args.chart else None)
+    return result
+
+
+def _mean(rows: list[dict[str, Any]], target: str, key: str) -> float | None:
+    values = [r[key] for r in rows if r["target"] == target and r.get(key) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def summary(rows: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    base_tps, base_ttft = _mean(rows, "vllm", "tokens_per_s"), _mean(rows, "vllm", "ttft_p50_ms")
+    for target in ("serve", "router"):
+        tps, ttft = _mean(rows, target, "tokens_per_s"), _mean(rows, target, "ttft_p50_ms")
+        if tps is None or not base_tps:
+            continue
+        line = f"{target}: {tps:.1f} tok/s = {tps / base_tps:.1%} of vLLM's own server ({base_tps:.1f} tok/s)"
+        if ttft is not None and base_ttft:
+            line += f"; TTFT p50 {ttft:.0f} ms vs {base_ttft:.0f} ms"
+        lines.append(line)
+    return lines
+
+
+def chart(result: dict[str, Any]) -> Any:
+    rows = result["rows"]
+    fig, (tps_ax, ttft_ax) = report.figure(2, f"openweight bench e2e - {MODEL} on CPU ({result['date'][:10]}, "
+                                              f"concurrency {result['settings']['concurrency']})", width=4.6)
+    targets = ["vllm", "serve", "router"]
+    labels = ["vLLM server", "Ray Serve", "router -> Serve"]
+    colors = ["tab:gray", "tab:orange", "tab:blue"]
+    for ax, key, title in ((tps_ax, "tokens_per_s", "output tokens/s"), (ttft_ax, "ttft_p50_ms", "TTFT p50, ms")):
+        means = [_mean(rows, t, key) or 0.0 for t in targets]
+        bars = ax.bar(labels, means, color=colors)
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        for i, target in enumerate(targets):
+            points = [r[key] for r in rows if r["target"] == target]
+            ax.plot([i] * len(points), points, "k.", markersize=4)
+        ax.set_title(title + " (bars: mean; dots: rounds)", fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+    return fig
