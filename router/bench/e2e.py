@@ -97,6 +97,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(log.read().decode(errors="replace")[-6000:])
             raise
     result["summary"] = summary(result["rows"])
+    result["failed"] = any(row["errors"] for row in result["rows"])
     text = report.table(result["rows"], COLUMNS) + "\n\n" + "\n".join(result["summary"])
     report.finish(result, text, args.out, chart if args.chart else None)
     return result

@@ -172,6 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log.seek(0)
             print(log.read().decode(errors="replace")[-4000:])
             raise
+    result["failed"] = any(row["errors"] for row in result["rows"] if row["router"] == "openweight")
     text = report.table(result["rows"], COLUMNS)
     text += ("\n\nTTFT in ms; healthy: through the router with a healthy primary; tried: requests that attempted "
              "the primary;\nbefore/after: requests that did / did not attempt it; +: over healthy; back s: seconds "

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import tempfile
@@ -47,9 +48,11 @@ def _row(target: str, stream: bool, concurrency: int, requests: int, chunks: int
          pids: dict[str, int]) -> dict[str, Any]:
     latencies = sorted(r.seconds for r in load.results if r.ok)
     errors = len(load.results) - len(latencies)
+    kinds = collections.Counter(r.error or (f"status {r.status}" if r.status != 200 else "incomplete stream")
+                                for r in load.results if not r.ok)
     row: dict[str, Any] = {
         "target": target, "mode": "stream" if stream else "plain", "concurrency": concurrency,
-        "requests": len(load.results), "errors": errors, "seconds": round(load.seconds, 3),
+        "requests": len(load.results), "errors": errors, "error_kinds": dict(kinds), "seconds": round(load.seconds, 3),
         "rps": round(len(latencies) / load.seconds, 1),
         "p50_ms": round(percentile(latencies, 0.5) * 1000, 3), "p99_ms": round(percentile(latencies, 0.99) * 1000, 3),
     }
@@ -107,7 +110,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(log.read().decode(errors="replace")[-4000:])
             raise
     result["summary"] = summary(result["rows"])
+    result["failed"] = any(row["errors"] for row in result["rows"] if row["target"] != "litellm")
+    errors = [f"{r['target']} {r['mode']} {r['concurrency']}: {r['error_kinds']}"
+              for r in result["rows"] if r["errors"]]
     text = report.table(result["rows"], COLUMNS) + "\n\n" + "\n".join(result["summary"])
+    if errors:
+        text += "\nerrors: " + "; ".join(errors)
     files = report.finish(result, text, args.out, chart if args.chart else None)
     if getattr(args, "json_out", None):
         Path(args.json_out).write_text(files["json"].read_text())

@@ -12,6 +12,8 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
 import aiohttp
+from aiohttp.payload import BytesPayload
+from yarl import URL
 
 from router.errors import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from router.settings import CLUSTER, ClusterConfig, ProviderConfig, UpstreamConfig
@@ -91,6 +93,8 @@ class HttpUpstream:
             total=None, sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s
         )
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}
+        """Parsed once per endpoint path, not per request."""
 
     def _client(self) -> aiohttp.ClientSession:
         # Created on first use: a session belongs to the running event loop.
@@ -120,10 +124,13 @@ class HttpUpstream:
         response: aiohttp.ClientResponse | None = None
         try:
             async with asyncio.timeout(min(timeout_s, self.config.first_byte_timeout_s)):
+                url = self._urls.get(request.path)
+                if url is None:
+                    url = self._urls[request.path] = URL(self._base + request.path.lstrip("/"))
+                body = None if request.body is None else BytesPayload(request.body, content_type="application/json")
                 with map_client_errors(self.name):
                     response = await self._client().request(
-                        request.method, self._base + request.path.lstrip("/"), data=request.body,
-                        headers=headers, allow_redirects=False,
+                        request.method, url, data=body, headers=headers, allow_redirects=False
                     )
                 started = HttpResponse(self.name, response)
                 await started._read_first()
