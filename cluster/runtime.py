@@ -107,10 +107,12 @@ def _private_token(temp_dir: Path) -> Path:
 
 
 def _reload_ray_config() -> None:
-    """Ray caches the auth mode it read at import; make it read the environment again."""
-    from ray._raylet import Config  # type: ignore[attr-defined]
+    """Ray caches the auth mode and token it read first; make it read the environment again
+    (a second local Ray in the same process has a token of its own)."""
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
 
     Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def start_local_ray(

@@ -1,6 +1,6 @@
 """End to end: real Ray + real vLLM (CPU) + the built-in model, behind the real router.
 
-One local stack for the whole session (the same :class:`cluster.stack.LocalStack` as
+One local stack for the whole module (the same :class:`cluster.stack.LocalStack` as
 ``openweight run``): the model's Serve app on a private Ray, and the router as a child process
 whose only provider fallback is a :class:`router.testing.FakeUpstream`. Deleting the Serve app
 moves traffic to the fallback; deploying it again brings it back to the cluster.
@@ -42,7 +42,8 @@ class Stack:
         self.client = httpx.Client(base_url=local.router_url, timeout=120)
 
 
-@pytest.fixture(scope="session")
+# Module scope: one Ray per process at a time, and the placement tests start their own.
+@pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     from cluster.stack import LocalStack
 
