@@ -53,9 +53,10 @@ def _overhead(parser: argparse.ArgumentParser, litellm: bool) -> None:
     parser.add_argument("--concurrency", type=positive_ints, default=[1, 8, 32, 128] if litellm else [1, 32],
                         help="comma-separated concurrency levels")
     parser.add_argument("--chunks", type=int, default=100, help="tokens per answer: stream chunks")
-    targets = ("direct", "openweight", "litellm")
-    parser.add_argument("--targets", type=names(targets), default=list(targets if litellm else targets[:2]),
-                        help="comma-separated: direct, openweight, litellm")
+    targets = ("direct", "floor", "openweight", "litellm")
+    parser.add_argument("--targets", type=names(targets),
+                        default=list(targets) if litellm else ["direct", "openweight"],
+                        help="comma-separated: direct, floor (a bare uvicorn pass-through proxy), openweight, litellm")
     parser.add_argument("--litellm-requests", type=int, default=200,
                         help="measured requests per scenario for LiteLLM (slower: fewer are enough for its CPU)")
     parser.add_argument("--json-out", type=Path, help="also copy the JSON report to this file")

@@ -2,11 +2,12 @@
 
 One fake upstream (``python -m router.testing``) answers at once; a second fake is every router's
 fallback provider (configured, never used while the first answers). The same requests go straight
-to the fake (``direct``), through openweight and through LiteLLM's proxy, plain and streaming, at
-each concurrency, the targets taking turns so that they share the machine's conditions. Reported:
-requests/s, latency percentiles, the latency added over ``direct``, errors, and CPU per request of
-each router process (LiteLLM: its whole process tree) and of the fake (what a bare uvicorn ASGI
-server costs, a floor for any Python router on uvicorn).
+to the fake (``direct``), through ``floor`` (:mod:`router.bench.floor`: a bare pass-through proxy on
+uvicorn, the least any Python proxy on this stack costs), through openweight and through LiteLLM's
+proxy, plain and streaming, at each concurrency, the targets taking turns so that they share the
+machine's conditions. Reported: requests/s, latency percentiles, the latency added over
+``direct``, errors, and CPU per request of each proxy process (LiteLLM: its whole process tree) and
+of the fake upstream (a bare uvicorn ASGI server).
 
 All processes share the machine's cores: on a small machine the load generator's own CPU shapes
 the throughput and latency columns; the CPU columns do not depend on it.
@@ -26,9 +27,9 @@ from typing import Any
 from router.bench import litellm, report
 from router.bench.harness import free_port, percentile, run_load
 from router.bench.report import Column
-from router.bench.servers import MODEL, fake_upstream, openweight, router_config
+from router.bench.servers import MODEL, fake_upstream, floor_proxy, openweight, router_config
 
-TARGETS = ("direct", "openweight", "litellm")
+TARGETS = ("direct", "floor", "openweight", "litellm")
 
 COLUMNS = [
     Column("target", "target", 10), Column("mode", "mode", 6), Column("concurrency", "conc", 4),
@@ -83,6 +84,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stack.enter_context(fake_upstream(fallback, log, chunks=args.chunks))
             primary_url, fallback_url = f"http://127.0.0.1:{primary}/v1", f"http://127.0.0.1:{fallback}/v1"
             urls: dict[str, tuple[str, dict[str, int]]] = {"direct": (primary_url, {})}
+            if "floor" in targets:
+                port = free_port()
+                process = stack.enter_context(floor_proxy(port, f"http://127.0.0.1:{primary}", log))
+                urls["floor"] = (f"http://127.0.0.1:{port}/v1", {"router": process.pid})
             if "openweight" in targets:
                 port = free_port()
                 config = router_config(primary_url, fallback_url)
@@ -153,7 +158,7 @@ def chart(result: dict[str, Any]) -> Any:
     rows = result["rows"]
     fig, (cpu_ax, rps_ax, added_ax) = report.figure(3, f"openweight bench overhead - {result['date'][:10]}, "
                                                        f"{result['machine']['cores']} cores")
-    styles = {"direct": "tab:gray", "openweight": "tab:blue", "litellm": "tab:red"}
+    styles = {"direct": "tab:gray", "floor": "tab:green", "openweight": "tab:blue", "litellm": "tab:red"}
     for target, color in styles.items():
         for mode, line in (("plain", "-"), ("stream", "--")):
             picked = [r for r in rows if r["target"] == target and r["mode"] == mode]

@@ -72,3 +72,11 @@ def openweight(config: dict[str, Any], port: int, directory: Path, log: IO[bytes
     env = {k: v for k, v in os.environ.items() if not k.startswith("OPENWEIGHT_")}  # no keys: open on loopback
     with service("openweight router", argv, f"http://127.0.0.1:{port}/healthz", log, env=env) as process:
         yield process
+
+
+@contextlib.contextmanager
+def floor_proxy(port: int, upstream: str, log: IO[bytes]) -> Iterator[subprocess.Popen[bytes]]:
+    """:mod:`router.bench.floor` (the least a Python proxy on uvicorn can do) in front of ``upstream``."""
+    argv = [sys.executable, "-m", "router.bench.floor", "--port", str(port), "--upstream", upstream]
+    with service("floor proxy", argv, f"http://127.0.0.1:{port}/healthz", log) as process:
+        yield process
