@@ -44,24 +44,18 @@ def _serve_config(args: argparse.Namespace) -> int:
 
 
 def _up_remote(args: argparse.Namespace, address: str) -> int:
-    from cluster.builder import build_app, cluster_specs, llm_config
+    from cluster.builder import serve_config
     from cluster.config import load_cluster_config
-    from cluster.model import resolve_source
-    from cluster.runtime import connect, deploy
+    from cluster.runtime import connect, deploy_config, start_serve
 
     settings, specs = load_cluster_config(args.config)
-    by_id = cluster_specs(settings, specs)
-    if any(spec.is_builtin for spec in by_id.values()):
-        print(
-            "note: built-in models resolve to a folder on this machine; the cluster's nodes need it at "
-            "the same path (run `openweight model prepare NAME` there, or bake it into the image)"
-        )
-    configs = [
-        llm_config(mid, spec, model_source=resolve_source(spec.source, progress=print)) for mid, spec in by_id.items()
-    ]
+    config = serve_config(settings, specs)
     connect(address)
-    deploy(build_app(configs), timeout_s=args.timeout)
-    print(f"deployed {', '.join(by_id)} to {address}")
+    http = config["http_options"]
+    start_serve(host=http["host"], port=http["port"])
+    print(f"deploying {', '.join(config['applications'][0]['args']['models'])} to {address}")
+    deploy_config(config, timeout_s=args.timeout)
+    print(f"deployed; Serve HTTP on port {http['port']} of every node")
     return 0
 
 
@@ -135,7 +129,11 @@ def register(subparsers: Any) -> None:
     config.add_argument("--http-port", type=int, default=None, help="Serve HTTP port (default: cluster.url's)")
     config.set_defaults(func=_serve_config)
 
-    up = verbs.add_parser("up", help="deploy the models to $RAY_ADDRESS, or run them on a private local Ray")
+    up = verbs.add_parser(
+        "up",
+        help="deploy the models to the Ray at $RAY_ADDRESS (replacing its Serve apps, like `serve deploy`), "
+        "or run them on a private local Ray until Ctrl-C",
+    )
     up.add_argument("--config", help="config file (default: $OPENWEIGHT_CONFIG)")
     up.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the replicas")
     up.set_defaults(func=_up)

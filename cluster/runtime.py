@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.builder import APP_NAME, ROUTE_PREFIX
+from cluster.builder import APP_NAME
 
 Progress = Callable[[str], None]
 
@@ -199,17 +199,25 @@ def _describe(app: Any) -> str:
     return "; ".join(parts) or app.message or _value(app.status)
 
 
-def deploy(app: Any, *, name: str = APP_NAME, timeout_s: float = 900.0, progress: Progress = print) -> None:
-    """Deploy ``app`` and wait until it is RUNNING, reporting changes; raise on failure or timeout."""
-    from ray import serve
-    from ray.serve.api import RunTarget
+def deploy_config(config: dict[str, Any], *, timeout_s: float = 900.0, progress: Progress = print) -> None:
+    """Deploy a Serve config (the serveConfigV2 format of :func:`cluster.builder.serve_config`) and
+    wait until each of its applications is RUNNING.
 
-    serve.run_many(
-        [RunTarget(target=app, name=name, route_prefix=ROUTE_PREFIX)],
-        wait_for_ingress_deployment_creation=False,
-        wait_for_applications_running=False,
-    )
-    wait_running(name=name, timeout_s=timeout_s, progress=progress)
+    Serve's controller builds every application from its ``import_path`` in a task on the cluster,
+    as KubeRay does, so this process never imports vLLM. Like ``serve deploy``, the config replaces
+    the applications deployed before. Serve must run (:func:`start_serve`).
+    """
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    # What `serve run CONFIG` does once Serve runs: the controller applies the config.
+    client = _get_global_client()
+    if client is None:
+        raise ClusterError("Serve is not running on this Ray (start_serve first)")
+    client.deploy_apps(schema)
+    for app in schema.applications:
+        wait_running(name=app.name, timeout_s=timeout_s, progress=progress)
 
 
 def wait_running(*, name: str = APP_NAME, timeout_s: float = 900.0, progress: Progress = print) -> None:

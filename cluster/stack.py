@@ -5,7 +5,9 @@
 1. prepare the built-in models (download and convert once; later runs only check the cache);
 2. start a private local Ray (:func:`cluster.runtime.start_local_ray`) and Serve's HTTP proxy on
    the host and port of ``cluster.url``;
-3. deploy the ``ray.serve.llm`` application and wait until every replica is ready;
+3. deploy the Serve config that KubeRay would get (Serve builds the ``ray.serve.llm`` application
+   from it with ``cluster.builder:app_from_args``, so this process never imports vLLM) and wait
+   until every replica is ready;
 4. start the router (``python -m router.cli router --config FILE``) as a child process on
    ``router.host:router.port`` and wait until it answers;
 5. print the URL and a curl example, then wait. SIGTERM or Ctrl-C stops the router (SIGTERM, then
@@ -99,7 +101,6 @@ class LocalStack:
     timings: Timings = field(default_factory=Timings)
     _local_ray: Any = None
     _router: subprocess.Popen[bytes] | None = None
-    _sources: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         try:
@@ -109,6 +110,7 @@ class LocalStack:
         self.settings: Settings = settings
         from cluster.builder import cluster_specs
 
+        self.public_specs: dict[str, ServeSpec] = specs
         self.specs: dict[str, ServeSpec] = cluster_specs(self.settings, specs)
         self.serve_host, self.serve_port = _endpoint(self.settings.cluster.url, "cluster.url")
 
@@ -132,7 +134,7 @@ class LocalStack:
         try:
             self._check_ports()
             t0 = time.monotonic()
-            self._sources = self._prepare()
+            self._prepare()
             t1 = time.monotonic()
             self._start_ray()
             t2 = time.monotonic()
@@ -156,13 +158,11 @@ class LocalStack:
             if not _port_free(host, port):
                 raise StackError(f"{what}: {host}:{port} is in use (is another stack running?)")
 
-    def _prepare(self) -> dict[str, str]:
+    def _prepare(self) -> None:
         self.progress(f"[1/{self._steps}] models")
-        sources = {}
         for model_id, spec in self.specs.items():
-            sources[model_id] = resolve_source(spec.source, progress=lambda m: self.progress(f"  {m}"))
-            self.progress(f"  {model_id}: {sources[model_id]}")
-        return sources
+            source = resolve_source(spec.source, progress=lambda m: self.progress(f"  {m}"))
+            self.progress(f"  {model_id}: {source}")
 
     def _start_ray(self) -> None:
         from cluster.runtime import start_local_ray, start_serve
@@ -179,20 +179,24 @@ class LocalStack:
         self.progress(f"  Ray up; logs in {self._local_ray.log_dir}")
         self.progress(f"  to reach it (e.g. `openweight cluster status`): {ray_env}")
 
-    def _llm_configs(self) -> list[Any]:
-        from cluster.builder import llm_config
+    def serve_config(self) -> dict[str, Any]:
+        """The Serve config this stack deploys: the one KubeRay gets, with this stack's HTTP address."""
+        from cluster.builder import serve_config
 
-        return [llm_config(mid, spec, model_source=self._sources[mid]) for mid, spec in self.specs.items()]
+        return serve_config(self.settings, self.public_specs, http_host=self.serve_host, http_port=self.serve_port)
 
     def deploy(self) -> None:
-        """Deploy (or deploy again) the Serve application and wait until it runs."""
-        from cluster.builder import build_app
-        from cluster.runtime import deploy
+        """Deploy (or deploy again) the Serve application and wait until it runs.
+
+        Serve builds it from the Serve config (``cluster.builder:app_from_args``), the path KubeRay
+        takes; the models are already prepared, so the build only checks them.
+        """
+        from cluster.runtime import deploy_config
 
         self.progress(f"[3/{self._steps}] deploying " + ", ".join(self.specs) + " (vLLM engine start takes a while)")
-        for name in ("ray.serve", "ray.llm"):  # their INFO lines (deployment option dumps) drown the progress
+        for name in ("ray.serve", "ray.llm"):  # their INFO lines drown the progress
             logging.getLogger(name).setLevel(logging.WARNING)
-        deploy(build_app(self._llm_configs()), timeout_s=self.deploy_timeout_s, progress=self.progress)
+        deploy_config(self.serve_config(), timeout_s=self.deploy_timeout_s, progress=self.progress)
         self.progress(f"  cluster ready at {self.settings.cluster.url}")
 
     def undeploy(self) -> None:
