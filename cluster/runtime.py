@@ -84,14 +84,16 @@ def _restore_env(previous: dict[str, str | None]) -> None:
 
 
 @contextlib.contextmanager
-def _keep_sigterm_handler() -> Iterator[None]:
+def _keep_signal_handlers() -> Iterator[None]:
     """Ray's core worker installs a native SIGTERM handler that dumps a stack and kills the driver
-    at once, skipping ``finally`` blocks; put the Python handler back so shutdown runs."""
-    previous = signal.getsignal(signal.SIGTERM)
+    at once, skipping ``finally`` blocks; put the Python handlers back so shutdown runs."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def _private_token(temp_dir: Path) -> Path:
@@ -145,7 +147,7 @@ def start_local_ray(
     if metrics_export_port is not None:
         kwargs["_metrics_export_port"] = metrics_export_port
     try:
-        with _keep_sigterm_handler():
+        with _keep_signal_handlers():
             ray.init(**kwargs)
     except Exception as exc:
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -171,7 +173,7 @@ def connect(address: str) -> None:
         os.environ["RAY_AUTH_MODE"] = "token"  # a token was given: use it
         _reload_ray_config()
     try:
-        with _keep_sigterm_handler():
+        with _keep_signal_handlers():
             ray.init(address=address, log_to_driver=False)
     except Exception as exc:
         raise ClusterError(f"cannot connect to Ray at {address}: {exc}") from exc

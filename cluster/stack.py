@@ -292,7 +292,7 @@ def serve_until_stopped(
         progress(ready_message(stack))
         code = stack.wait()
         progress(f"the router exited with status {code}; stopping")
-        return code or 1
+        return code
     except (KeyboardInterrupt, _Stop):
         progress("stopping")
         return 0
