@@ -1,7 +1,6 @@
 """Upstreams over HTTP: the Ray Serve OpenAI ingress and every external provider.
 
-The client is :mod:`router.upstreams.wire`, a lean HTTP/1.1 client (asyncio protocols and
-httptools' parser): on the relay's hot path it costs a fraction of the CPU of httpx or aiohttp
+The client is aiohttp: on the relay's hot path it costs a fraction of the CPU of httpx/httpcore
 per request and per chunk (see the README's performance section). This module is the one place
 where the HTTP client's exceptions become :mod:`router.errors` exceptions.
 """
@@ -9,77 +8,72 @@ where the HTTP client's exceptions become :mod:`router.errors` exceptions.
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp.payload import BytesPayload
+from yarl import URL
 
 from router.errors import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from router.settings import CLUSTER, ClusterConfig, ProviderConfig, UpstreamConfig
 from router.upstreams.base import UpstreamRequest
-from router.upstreams.wire import Connection, ConnectionClosed, ConnectTimeout, ParseError, Pool, request_head
 
 
 @contextmanager
-def map_client_errors(upstream: str, phase: str = "read") -> Iterator[None]:
+def map_client_errors(upstream: str) -> Iterator[None]:
     """Translate the HTTP client's exceptions, naming the upstream but no URL or key."""
     try:
         yield
-    except ConnectTimeout:
-        raise UpstreamTimeout(f"{upstream}: connect timeout") from None
-    except TimeoutError:
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        phase = "connect" if isinstance(exc, aiohttp.ConnectionTimeoutError) else "read"
         raise UpstreamTimeout(f"{upstream}: {phase} timeout") from None
-    except ConnectionClosed:
-        raise UpstreamProtocolError(f"{upstream}: the connection closed before the answer was complete") from None
-    except ParseError:
-        raise UpstreamProtocolError(f"{upstream}: not a valid HTTP answer") from None
-    except (ConnectionError, ssl.SSLError) as exc:
-        raise UpstreamConnectError(f"{upstream}: connection failed ({type(exc).__name__})") from None
-    except OSError as exc:
+    except aiohttp.ClientConnectorError:
+        raise UpstreamConnectError(f"{upstream}: connection failed") from None
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+        raise UpstreamProtocolError(f"{upstream}: {type(exc).__name__}") from None
+    except aiohttp.ClientError as exc:
         raise UpstreamError(f"{upstream}: {type(exc).__name__}") from None
 
 
 class HttpResponse:
-    """A started response, with its first body chunk already read; holds its connection until closed."""
+    """A started response, with its first body chunk already read."""
 
-    __slots__ = ("_connection", "_pool", "_read_timeout_s", "_upstream", "first_chunk", "headers", "status")
+    __slots__ = ("_response", "_upstream", "first_chunk", "headers", "status")
 
-    def __init__(self, upstream: str, pool: Pool, connection: Connection, read_timeout_s: float) -> None:
+    def __init__(self, upstream: str, response: aiohttp.ClientResponse) -> None:
         self._upstream = upstream
-        self._pool: Pool | None = pool
-        self._connection = connection
-        self._read_timeout_s = read_timeout_s
-        self.status = connection.status
-        self.headers = connection.headers
+        self._response = response
+        self.status = response.status
+        self.headers = {k.lower(): v for k, v in response.headers.items()}
         self.first_chunk = b""
 
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        read, timeout = self._connection.read, self._read_timeout_s
+    async def _read_first(self) -> None:
         with map_client_errors(self._upstream):
-            while chunk := await read(timeout):
+            self.first_chunk = await self._response.content.readany()
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        content = self._response.content
+        with map_client_errors(self._upstream):
+            while chunk := await content.readany():
                 yield chunk
 
     async def aread(self) -> bytes:
-        parts = [self.first_chunk]
-        async for chunk in self.aiter_bytes():
-            parts.append(chunk)
-        return b"".join(parts)
+        with map_client_errors(self._upstream):
+            return self.first_chunk + await self._response.content.read()
 
     async def aclose(self) -> None:
-        self.release()
-
-    def release(self) -> None:
-        """Back to the pool when read to its end, else abandoned (the upstream sees the connection go)."""
-        pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.release(self._connection)
+        if self._response.content.at_eof():
+            self._response.release()  # back to the pool
+        else:
+            self._response.close()  # abandon: the upstream sees the connection go
 
 
 class HttpUpstream:
     """An OpenAI-compatible API reached over HTTP, with a connection pool kept for the router's life.
 
-    Bodies are relayed as the bytes that arrive; no ``accept-encoding`` is sent, so answers come
-    uncompressed (and a server that compresses anyway passes through with its ``content-encoding``).
+    Bodies are relayed as the bytes that arrive (no decompression), so a compressed upstream answer
+    passes through with its ``content-encoding``.
     """
 
     def __init__(
@@ -92,21 +86,33 @@ class HttpUpstream:
     ) -> None:
         self.name = name
         self.config = config
+        self._headers = headers or {}
         self._request_timeout_s = request_timeout_s
-        url = urlsplit(config.url)
-        tls = url.scheme == "https"
-        host, port = url.hostname or "localhost", url.port or (443 if tls else 80)
-        self._host = host if url.port is None else f"{host}:{port}"
-        self._base = url.path.rstrip("/") + "/"
-        for key, value in (headers or {}).items():
-            if any(c in key + value for c in "\r\n"):
-                raise ValueError(f"{name}: header {key!r} holds a line break")
-        self._headers = {"accept": "*/*", **(headers or {})}
-        self._pool = Pool(host, port, tls=tls, limit=config.max_connections, connect_timeout_s=config.connect_timeout_s)
+        self._base = config.url + "/"
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}
+        """Parsed once per endpoint path, not per request."""
 
-    def _head(self, method: str, path: str, headers: dict[str, str], body: bytes | None) -> bytes:
-        return request_head(method, self._base + path.lstrip("/"), self._host, {**self._headers, **headers},
-                            None if body is None else len(body))
+    def _client(self) -> aiohttp.ClientSession:
+        # Created on first use: a session belongs to the running event loop.
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=self.config.max_connections, limit_per_host=0, keepalive_timeout=30
+                ),
+                headers=self._headers,
+                timeout=self._timeout,
+                auto_decompress=False,
+                # Never keep an upstream's cookies: they would go out again with other clients' requests.
+                cookie_jar=aiohttp.DummyCookieJar(),
+                # Never read proxy settings or netrc credentials from the environment for upstream calls.
+                trust_env=False,
+                skip_auto_headers=("user-agent",),
+            )
+        return self._session
 
     async def send(self, request: UpstreamRequest, timeout_s: float) -> HttpResponse:
         headers = {"x-request-id": request.request_id, **request.headers}
@@ -115,44 +121,42 @@ class HttpUpstream:
         if self._request_timeout_s is not None:
             # Ray Serve answers 408 past this instead of holding a request no replica can take.
             headers["x-request-timeout-seconds"] = str(max(1, int(min(self._request_timeout_s, timeout_s))))
-        head = self._head(request.method, request.path, headers, request.body)
-        response: HttpResponse | None = None
+        response: aiohttp.ClientResponse | None = None
         try:
             async with asyncio.timeout(min(timeout_s, self.config.first_byte_timeout_s)):
-                with map_client_errors(self.name, "first byte"):
-                    connection = await self._pool.acquire()
-                    response = HttpResponse(self.name, self._pool, connection, self.config.read_timeout_s)
-                    await connection.send(head + request.body if request.body else head)
-                    response.status, response.headers = connection.status, connection.headers
-                    response.first_chunk = await connection.read(None)
+                url = self._urls.get(request.path)
+                if url is None:
+                    url = self._urls[request.path] = URL(self._base + request.path.lstrip("/"))
+                body = None if request.body is None else BytesPayload(request.body, content_type="application/json")
+                with map_client_errors(self.name):
+                    response = await self._client().request(
+                        request.method, url, data=body, headers=headers, allow_redirects=False
+                    )
+                started = HttpResponse(self.name, response)
+                await started._read_first()
         except TimeoutError:
             if response is not None:
-                response.release()
+                response.close()
             raise UpstreamTimeout(f"{self.name}: no first byte within the timeout") from None
         except BaseException:
             if response is not None:
-                response.release()
+                response.close()
             raise
-        return response
+        return started
 
     async def probe(self) -> bool:
+        timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout_s + 3.0)
         try:
-            async with asyncio.timeout(self.config.connect_timeout_s + 3.0):
-                with map_client_errors(self.name):
-                    connection = await self._pool.acquire()
-                    response = HttpResponse(self.name, self._pool, connection, self.config.read_timeout_s)
-                    try:
-                        await connection.send(self._head("GET", "models", {}, None))
-                        response.status = connection.status
-                        await response.aread()
-                    finally:
-                        response.release()
-            return response.status == 200
-        except (UpstreamError, TimeoutError):
+            async with self._client().get(self._base + "models", timeout=timeout) as response:
+                await response.read()
+                return response.status == 200
+        except (aiohttp.ClientError, TimeoutError):
             return False
 
     async def aclose(self) -> None:
-        self._pool.close()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 def cluster_upstream(config: ClusterConfig) -> HttpUpstream:
