@@ -6,11 +6,13 @@ One application, ``openweight``, at route prefix ``/``: ``build_openai_app`` put
 
 - :func:`llm_config` / :func:`llm_configs` are pure: config in, ``LLMConfig`` objects out (no Ray
   cluster needed; importing ``ray.serve.llm`` needs vLLM installed).
-- :func:`build_app` turns them into the Serve application; ``ray.serve.llm`` reads the current
-  Ray runtime environment there, so it needs a connected Ray (it would otherwise start one).
-- :func:`serve_config` writes the Serve config that KubeRay embeds as ``serveConfigV2``; it needs
-  neither Ray nor vLLM. Its ``import_path`` is :func:`app_from_args`, which rebuilds the same
-  application inside the cluster from the ``serve`` blocks carried in ``args``.
+- :func:`serve_config` writes the Serve config that KubeRay embeds as ``serveConfigV2`` and that
+  ``openweight run`` / ``cluster up`` deploy; it needs neither Ray nor vLLM. Its ``import_path``
+  is :func:`app_from_args`, which Serve calls inside the cluster with the ``serve`` blocks carried
+  in ``args`` (built-in models are prepared there if missing).
+- :func:`build_app` turns ``LLMConfig`` objects into the Serve application; ``ray.serve.llm``
+  reads the current Ray runtime environment there, so it runs inside Ray (it would otherwise
+  start one).
 
 Only the cluster's part of the config travels in ``args``: changing a provider does not redeploy
 the models.

@@ -35,6 +35,7 @@ from types import FrameType
 from typing import IO, Any
 from urllib.parse import urlsplit
 
+from cluster.builder import cluster_specs
 from cluster.config import ServeSpec, load_cluster_config
 from cluster.model import ModelError, resolve_source
 from cluster.placement import placement
@@ -108,8 +109,6 @@ class LocalStack:
         except ConfigError as exc:
             raise StackError(f"{self.config_path}:\n{exc}") from None
         self.settings: Settings = settings
-        from cluster.builder import cluster_specs
-
         self.public_specs: dict[str, ServeSpec] = specs
         self.specs: dict[str, ServeSpec] = cluster_specs(self.settings, specs)
         self.serve_host, self.serve_port = _endpoint(self.settings.cluster.url, "cluster.url")
