@@ -4,11 +4,12 @@ The same streaming load (``--concurrency`` clients, ``--requests`` chat requests
 answer exactly ``--max-tokens`` tokens: ``ignore_eos``, temperature 0) goes to:
 
 - ``vllm``: ``python -m vllm.entrypoints.openai.api_server`` with the model folder, engine arguments
-  and environment the Serve replica gets (measured first, then stopped);
+  and environment the Serve replica gets;
 - ``serve``: the Ray Serve OpenAI ingress of the local stack (``cluster.stack.LocalStack``);
 - ``router``: openweight in front of that same stack (router -> Ray Serve -> vLLM).
 
-``serve`` and ``router`` take turns in each round. Reported per run: output tokens/s (from each
+All three are up at once (an idle engine costs no CPU) and take turns in each round, each round
+starting with the next one, so that they share the machine's conditions. Reported per run: output tokens/s (from each
 answer's ``usage``), time to first token, request latency, errors, the router's CPU per request;
 then the ratio of each stack path to vLLM's own server. Engine start-up takes minutes on CPU.
 """
@@ -43,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="concurrent streaming clients")
     parser.add_argument("--requests", type=int, default=32, help="requests per target and round")
     parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per answer")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds (stack targets take turns in each)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (the targets take turns in each)")
 
 
 def request_body(max_tokens: int) -> bytes:
@@ -73,7 +74,7 @@ def _measure(target: str, round_: int, url: str, args: argparse.Namespace, route
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """vLLM's own server, then the stack with and without the router; prints, writes JSON and the chart."""
+    """vLLM's own server, the stack and the router, in turns; prints, writes JSON and the chart."""
     settings = {"concurrency": args.concurrency, "requests": args.requests, "max_tokens": args.max_tokens,
                 "rounds": args.rounds, "prompt": PROMPT, "model": MODEL}
     result = report.new_report("e2e", settings)
@@ -82,15 +83,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         config = stack_config()
         path = write_config(config, Path(tmp))
         try:
-            with vllm_server(path, log) as url:
-                for round_ in range(1, args.rounds + 1):
-                    result["rows"].append(_measure("vllm", round_, url, args, None))
-            with local_stack(path, log), \
+            # Both run at once (idle engines cost no CPU) so that each round measures the three targets
+            # back to back, under the same conditions on a shared machine.
+            with vllm_server(path, log) as vllm_url, local_stack(path, log), \
                     openweight(config, config["router"]["port"], Path(tmp), log) as router:
                 router_url = f"http://127.0.0.1:{config['router']['port']}/v1"
+                targets = [("vllm", vllm_url, None), ("router", router_url, router.pid),
+                           ("serve", config["cluster"]["url"], None)]
                 for round_ in range(1, args.rounds + 1):
-                    order = [("router", router_url, router.pid), ("serve", config["cluster"]["url"], None)]
-                    for target, url, pid in order if round_ % 2 else order[::-1]:
+                    shift = (round_ - 1) % len(targets)
+                    for target, url, pid in targets[shift:] + targets[:shift]:
                         result["rows"].append(_measure(target, round_, url, args, pid))
         except RuntimeError:
             log.seek(0)

@@ -156,8 +156,8 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
 
 def chart(result: dict[str, Any]) -> Any:
     rows = result["rows"]
-    fig, (cpu_ax, rps_ax, added_ax) = report.figure(3, f"openweight bench overhead - {result['date'][:10]}, "
-                                                       f"{result['machine']['cores']} cores")
+    fig, (cpu_ax, rps_ax, p50_ax) = report.figure(3, f"openweight bench overhead - {result['date'][:10]}, "
+                                                     f"{result['machine']['cores']} cores")
     styles = {"direct": "tab:gray", "floor": "tab:green", "openweight": "tab:blue", "litellm": "tab:red"}
     for target, color in styles.items():
         for mode, line in (("plain", "-"), ("stream", "--")):
@@ -168,23 +168,20 @@ def chart(result: dict[str, Any]) -> Any:
             label = f"{target} {mode}"
             if target != "direct":
                 cpu_ax.plot(xs, [r["cpu_ms_per_request"] for r in picked], line, color=color, marker="o", label=label)
-                added_ax.plot(xs, [r["added_p50_ms"] for r in picked], line, color=color, marker="o", label=label)
             else:
                 cpu_ax.plot(xs, [r["upstream_cpu_ms_per_request"] for r in picked], line, color=color, marker=".",
                             label=f"fake upstream {mode}")
             rps_ax.plot(xs, [r["rps"] for r in picked], line, color=color, marker="o", label=label)
+            p50_ax.plot(xs, [r["p50_ms"] for r in picked], line, color=color, marker="o", label=label)
     levels = sorted({r["concurrency"] for r in rows})
-    for ax, title in ((cpu_ax, "CPU ms per request, log (gray: the fake upstream)"), (rps_ax, "requests/s (log)"),
-                      (added_ax, "added p50 latency, ms (symlog)")):
+    for ax, title in ((cpu_ax, "CPU ms per request (gray: the fake upstream)"), (rps_ax, "requests/s"),
+                      (p50_ax, "p50 latency, ms")):
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.set_xticks(levels, [str(level) for level in levels])
         ax.minorticks_off()
         ax.set_xlabel("concurrency")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title + " (log)", fontsize=9)
         ax.grid(True, alpha=0.3)
-    cpu_ax.set_yscale("log")
-    rps_ax.set_yscale("log")
-    added_ax.set_yscale("symlog", linthresh=1)
-    added_ax.set_ylim(bottom=0)
     rps_ax.legend(fontsize=7, loc="lower left")
     return fig
