@@ -211,6 +211,10 @@ class Dispatcher:
             self._health.release(name)
             raise
         outcome = outcome_of(response.status)
+        if response.status == 404 and "json" not in response.headers.get("content-type", ""):
+            # A plain 404 is the upstream not serving the API at all (e.g. Ray Serve's proxy while
+            # the app is deployed nowhere), not an OpenAI "model not found" for the client.
+            outcome = "server_error"
         observer.attempt(name, outcome)
         if outcome in ("success", "client_error"):
             self._health.success(name)

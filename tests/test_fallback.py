@@ -106,6 +106,16 @@ def test_client_errors_return_as_they_are(fakes, status):
         assert router.metric("openweight_circuit_state", upstream="cluster") == 0
 
 
+def test_a_plain_404_means_the_upstream_serves_no_api_and_falls_back(fakes):
+    missing = Behavior(status=404, body=b"Path '/v1/chat/completions' not found.",
+                       headers={"content-type": "text/plain"})
+    cluster, prov = fakes("cluster", default=missing), fakes("prov")
+    with RouterServer(make_settings(cluster, {"prov": prov})) as router, router.client() as client:
+        r = client.post("/v1/chat/completions", json=chat())
+        assert r.headers["x-openweight-upstream"] == "prov"
+        assert router.metric("openweight_fallbacks_total", from_upstream="cluster", reason="server_error") == 1
+
+
 def test_upstream_auth_failure_is_ours_not_the_clients(fakes):
     leaked = b'{"error": {"message": "Incorrect API key provided: sk-prov****cret"}}'
     first, second = fakes("first", default=Behavior(status=401, body=leaked)), fakes("second")
