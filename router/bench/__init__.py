@@ -53,6 +53,9 @@ def _overhead(parser: argparse.ArgumentParser, litellm: bool) -> None:
     parser.add_argument("--concurrency", type=positive_ints, default=[1, 8, 32, 128] if litellm else [1, 32],
                         help="comma-separated concurrency levels")
     parser.add_argument("--chunks", type=int, default=100, help="tokens per answer: stream chunks")
+    parser.add_argument("--chunk-delay-s", type=float, default=0.0,
+                        help="the fake upstream's seconds before each chunk (0: as fast as it can; an engine "
+                        "sends one token at a time)")
     targets = ("direct", "floor", "openweight", "litellm")
     parser.add_argument("--targets", type=names(targets),
                         default=list(targets) if litellm else ["direct", "openweight"],

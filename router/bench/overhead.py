@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every scenario; prints the table, writes JSON and the chart; returns the report."""
     targets = list(args.targets)
     settings = {"requests": args.requests, "litellm_requests": args.litellm_requests, "chunks": args.chunks,
-                "concurrency": args.concurrency,
+                "chunk_delay_s": args.chunk_delay_s, "concurrency": args.concurrency,
                 "targets": targets, "litellm": litellm.VERSION if "litellm" in targets else None}
     result = report.new_report(args.suite, settings)
     if "litellm" in targets:
@@ -80,8 +80,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         directory = Path(tmp)
         try:
             primary, fallback = free_port(), free_port()
-            upstream = stack.enter_context(fake_upstream(primary, log, chunks=args.chunks))
-            stack.enter_context(fake_upstream(fallback, log, chunks=args.chunks))
+            pace = args.chunk_delay_s
+            upstream = stack.enter_context(fake_upstream(primary, log, chunks=args.chunks, chunk_delay_s=pace))
+            stack.enter_context(fake_upstream(fallback, log, chunks=args.chunks, chunk_delay_s=pace))
             primary_url, fallback_url = f"http://127.0.0.1:{primary}/v1", f"http://127.0.0.1:{fallback}/v1"
             urls: dict[str, tuple[str, dict[str, int]]] = {"direct": (primary_url, {})}
             if "floor" in targets:
