@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
 from tenacity.wait import wait_exponential_jitter
@@ -40,15 +42,21 @@ def outcome_of(status: int) -> str:
     return "client_error"
 
 
-def retry_after_s(headers: Mapping[str, str]) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds form only; dates are ignored)."""
+def retry_after_s(headers: Mapping[str, str], now: Callable[[], float] = time.time) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds, or an HTTP date (RFC 9110) counted from `now`."""
     value = headers.get("retry-after")
     if value is None:
         return None
     try:
         seconds = float(value)
     except ValueError:
-        return None
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:  # RFC 9110 dates are GMT
+            when = when.replace(tzinfo=UTC)
+        return max(0.0, when.timestamp() - now())
     return seconds if seconds >= 0 else None
 
 
@@ -110,6 +118,10 @@ class Dispatcher:
             if isinstance(step, Skip):
                 pending.append((step.target.upstream, step.reason))
                 failures.append(f"{step.target.upstream}: {step.reason.replace('_', ' ')}")
+                if step.reason == "circuit_open":
+                    # When that circuit lets a trial through is when asking again makes sense.
+                    reopens = self._health.breakers[step.target.upstream].reopens_in_s()
+                    retry_hint = reopens if retry_hint is None else min(retry_hint, reopens)
                 continue
             if self._clock() >= deadline:
                 failures.append(f"{step.upstream}: deadline reached before trying")

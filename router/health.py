@@ -51,6 +51,12 @@ class Breaker:
             self._successes = 0
         return self._state
 
+    def reopens_in_s(self) -> float:
+        """Seconds until an open circuit turns half-open (0 when it is not open)."""
+        if self.state is not CircuitState.OPEN:
+            return 0.0
+        return max(0.0, self._opened_at + self.config.reset_timeout_s - self._clock())
+
     def acquire(self) -> bool:
         """Whether a request may be sent now; a half-open circuit admits one trial at a time."""
         state = self.state

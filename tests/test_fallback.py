@@ -223,6 +223,24 @@ def test_circuit_opens_skips_without_attempt_and_recovers_through_half_open(fake
         assert router.metric("openweight_circuit_state", upstream="cluster") == 0
 
 
+def test_every_circuit_open_answers_503_with_retry_after_until_one_reopens(fakes):
+    cluster, prov = fakes("cluster", default=Behavior(status=500)), fakes("prov", default=Behavior(status=500))
+    settings = make_settings(cluster, {"prov": prov}, router={"retry": {"max_attempts": 1}})
+    slow = {"failure_threshold": 1, "reset_timeout_s": 30}
+    settings = settings.model_copy(update={
+        "cluster": settings.cluster.model_copy(update={"circuit": settings.cluster.circuit.model_copy(update=slow)}),
+        "providers": {"prov": settings.providers["prov"].model_copy(
+            update={"circuit": settings.providers["prov"].circuit.model_copy(update=slow)})},
+    })
+    with RouterServer(settings) as router, router.client() as client:
+        assert client.post("/v1/chat/completions", json=chat()).status_code == 503  # both fail: both open
+        r = client.post("/v1/chat/completions", json=chat())
+        assert r.status_code == 503 and r.json()["error"]["message"].count("circuit open") == 2
+        assert 28 <= int(r.headers["retry-after"]) <= 30
+        assert len(cluster.requests) == len(prov.requests) == 1
+        assert router.metric("openweight_circuit_state", upstream="prov") == 2
+
+
 def test_a_failed_half_open_trial_opens_the_circuit_again(fakes):
     cluster, prov = fakes("cluster", default=Behavior(status=500)), fakes("prov")
     with RouterServer(make_settings(cluster, {"prov": prov})) as router, router.client() as client:

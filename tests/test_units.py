@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from router.dispatch import retry_after_s
 from router.errors import InvalidRequest
 from router.health import Breaker, CircuitState, HealthSnapshot, UpstreamHealth
 from router.policy import Skip, Target, plan
@@ -136,7 +137,10 @@ def test_breaker_lifecycle():
     assert breaker.state is CircuitState.CLOSED  # failures must be consecutive
     breaker.failure()
     assert breaker.state is CircuitState.OPEN and not breaker.acquire()
+    clock.now = 4
+    assert breaker.reopens_in_s() == 6
     clock.now = 10
+    assert breaker.reopens_in_s() == 0
     assert breaker.state is CircuitState.HALF_OPEN
     assert breaker.acquire() and not breaker.acquire()  # one trial at a time
     breaker.success()
@@ -149,6 +153,16 @@ def test_breaker_lifecycle():
     assert breaker.acquire()
     breaker.failure()
     assert breaker.state is CircuitState.OPEN
+
+
+def test_retry_after_in_seconds_or_as_an_http_date():
+    now = lambda: 1_000_000_000.0  # noqa: E731  2001-09-09T01:46:40Z
+    assert retry_after_s({"retry-after": "2.5"}, now) == 2.5
+    assert retry_after_s({"retry-after": "Sun, 09 Sep 2001 01:47:10 GMT"}, now) == 30
+    assert retry_after_s({"retry-after": "Sun, 09 Sep 2001 01:46:00 GMT"}, now) == 0  # already past
+    for bad in ("-1", "soon", ""):
+        assert retry_after_s({"retry-after": bad}, now) is None
+    assert retry_after_s({}, now) is None
 
 
 def test_sse_tracker_reassembles_events_and_takes_usage():
