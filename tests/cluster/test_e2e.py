@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import yaml
 
 from router.testing import FakeUpstream
 from tests.cluster.support import HAS_RAY, HAS_VLLM, free_port
+from tests.deploy import support as deploy_support
 
 MODEL = "smollm2-135m-instruct"
 QUESTION = "What is the capital of France?"
@@ -35,10 +37,12 @@ pytestmark = [
 
 
 class Stack:
-    def __init__(self, local: Any, fallback: FakeUpstream, router_log: Path) -> None:
+    def __init__(self, local: Any, fallback: FakeUpstream, router_log: Path, metrics_url: str) -> None:
         self.local = local
         self.fallback = fallback
         self.router_log = router_log
+        self.metrics_url = metrics_url
+        """Ray's metrics agent (``ray_serve_*``, ``ray_vllm_*``), as Prometheus scrapes it."""
         self.client = httpx.Client(base_url=local.router_url, timeout=120)
 
 
@@ -64,11 +68,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         path = folder / "config.yaml"
         path.write_text(yaml.safe_dump(config))
         router_log = folder / "router.log"
+        metrics_port = free_port()
         with router_log.open("wb") as log:
-            local = LocalStack(path, router_output=log, metrics_export_port=None, deploy_timeout_s=600)
+            local = LocalStack(path, router_output=log, metrics_export_port=metrics_port, deploy_timeout_s=600)
             local.start()
             try:
-                yield Stack(local, fallback, router_log)
+                yield Stack(local, fallback, router_log, f"http://127.0.0.1:{metrics_port}/metrics")
             finally:
                 local.stop()
 
@@ -125,6 +130,30 @@ def test_completion_stream(stack: Stack) -> None:
         events = sse_events(response)
     assert events[-1] == "[DONE]"
     assert "Paris" in "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
+
+
+def test_every_ray_metric_the_dashboards_and_rules_query_is_exported(stack: Stack) -> None:
+    """A real scrape of the metrics agent carries every ray_* name in deploy/ (list: tests/deploy).
+
+    Engine gauges (running, waiting, KV cache) are only exported while the engine reports them,
+    so the agent is scraped while a long stream runs; error counters only exist after an error, so
+    one request goes straight to Serve for a model it does not have (a 404 from its ingress).
+    """
+    wanted = {name for name in deploy_support.expected_names() if name.startswith("ray_")}
+    assert any(n.startswith("ray_vllm_") for n in wanted) and any(n.startswith("ray_serve_") for n in wanted)
+    serve = httpx.Client(base_url=stack.local.settings.cluster.url, timeout=60)
+    assert serve.post("/chat/completions", json={**chat(), "model": "no-such-model"}).status_code == 404
+    body = {**chat(stream=True), "max_tokens": 400, "ignore_eos": True}
+    exported: set[str] = set()
+    with ThreadPoolExecutor(1) as pool:
+        streaming = pool.submit(lambda: serve.post("/chat/completions", json=body))
+        deadline = time.monotonic() + 120
+        while not wanted <= exported and time.monotonic() < deadline:
+            exported |= deploy_support.sampled_names(httpx.get(stack.metrics_url, timeout=10).text)
+            time.sleep(1)
+        assert streaming.result().status_code == 200
+    missing = wanted - exported
+    assert not missing, f"queried by deploy/ but not exported by Ray's metrics agent: {sorted(missing)}"
 
 
 def upstream_of_next_answer(stack: Stack, want: str, timeout_s: float) -> tuple[str, list[str]]:

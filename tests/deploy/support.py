@@ -199,6 +199,13 @@ def expected_names() -> list[str]:
             if line.strip() and not line.startswith("#")]
 
 
+def sampled_names(exposition: str) -> set[str]:
+    """The series names that have at least one sample in a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {sample.name for family in text_string_to_metric_families(exposition) for sample in family.samples}
+
+
 # --- TypeScript and node ---------------------------------------------------------------------
 
 class NodeWorkdir:

@@ -148,7 +148,7 @@ def test_cluster_dashboard_covers_the_issue() -> None:
     text = (support.DEPLOY / "grafana" / "openweight-cluster.json").read_text()
     for name in ("ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting", "ray_vllm_kv_cache_usage_perc",
                  "ray_vllm_time_to_first_token_seconds_bucket", "ray_vllm_inter_token_latency_seconds_bucket",
-                 "ray_vllm_generation_tokens_total", "ray_vllm_num_preemptions_total",
+                 "ray_vllm_generation_tokens_total", "ray_vllm_request_num_preemptions_sum",
                  "ray_serve_deployment_replica_healthy", "ray_serve_deployment_queued_queries",
                  "ray_serve_num_http_error_requests_total", "ray_serve_http_request_latency_ms_bucket"):
         assert name in text, name

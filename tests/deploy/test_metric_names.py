@@ -1,19 +1,13 @@
 """Dashboards and alerts reference only metric names that exist.
 
 `metric_names.txt` lists every series name the rules and dashboards select. The openweight_*
-names are checked against a running router; the ray_* names against a real scrape of Ray's metrics
-agent (ray_serve_*, and ray_vllm_* for engines with log_engine_metrics), which needs a running
-cluster: set OPENWEIGHT_RAY_METRICS_URL (e.g. http://127.0.0.1:8080/metrics) to run that check.
+names are checked here against a running router; the ray_* names against a real scrape of the
+local cluster's metrics agent, in tests/cluster/test_e2e.py (it needs Ray and vLLM running).
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-
-import httpx
-import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from router.testing import Behavior, FakeUpstream
 from tests.deploy import support
@@ -63,22 +57,3 @@ def test_every_openweight_name_is_exported_by_a_running_router(tmp_path: Path) -
     assert wanted, "no openweight_* name referenced"
     missing = wanted - exported
     assert not missing, f"referenced but not exported by the router: {sorted(missing)}"
-
-
-@pytest.mark.skipif(
-    not os.environ.get("OPENWEIGHT_RAY_METRICS_URL"),
-    reason="needs a running Ray cluster: set OPENWEIGHT_RAY_METRICS_URL to its metrics agent's /metrics",
-)
-def test_every_ray_name_is_exported_by_the_metrics_agent() -> None:
-    text = httpx.get(os.environ["OPENWEIGHT_RAY_METRICS_URL"], timeout=10).text
-    exported: set[str] = set()
-    for family in text_string_to_metric_families(text):
-        exported |= {sample.name for sample in family.samples}
-        exported.add(family.name)
-        if family.type == "counter":
-            exported.add(family.name + "_total")
-        if family.type == "histogram":
-            exported |= {family.name + s for s in ("_bucket", "_sum", "_count")}
-    wanted = {n for n in support.expected_names() if n.startswith("ray_")}
-    missing = wanted - exported
-    assert not missing, f"referenced but not exported by Ray's metrics agent: {sorted(missing)}"
