@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import logging
 import re
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 
 from router.auth import KeyStore, RateLimiter
@@ -132,7 +132,7 @@ def _request_id(scope: Scope) -> str:
             if _REQUEST_ID.fullmatch(candidate):
                 return str(candidate)
             break
-    return uuid.uuid4().hex
+    return secrets.token_hex(16)
 
 
 def create_app(

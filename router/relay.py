@@ -147,7 +147,7 @@ async def relay(
         observer.first_byte()
         await send({"type": "http.response.body", "body": out, "more_body": True})
     try:
-        async for chunk in response.aiter_bytes():
+        while chunk := await response.read_chunk():
             out = tracker.feed(chunk)
             if out:
                 observer.first_byte()

@@ -1,13 +1,12 @@
 """The one interface every upstream implements, the cluster and each provider alike.
 
 An upstream takes an :class:`UpstreamRequest` and returns an :class:`UpstreamResponse` whose
-status and headers have arrived; the body follows as an async byte iterator. Failures to get that
+status and headers have arrived; the rest of the body follows chunk by chunk. Failures to get that
 far raise :class:`router.errors.UpstreamError` subclasses, never third-party exceptions.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -31,8 +30,8 @@ class UpstreamResponse(Protocol):
     headers: dict[str, str]
     first_chunk: bytes
 
-    def aiter_bytes(self) -> AsyncIterator[bytes]:
-        """The rest of the body after `first_chunk`, as it arrives.
+    async def read_chunk(self) -> bytes:
+        """The next part of the body after `first_chunk`, as it arrives; ``b""`` at its end.
 
         Raises UpstreamError if the exchange breaks or a chunk takes longer than the read timeout.
         """

@@ -8,7 +8,7 @@ where the HTTP client's exceptions become :mod:`router.errors` exceptions.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import aiohttp
@@ -20,20 +20,25 @@ from router.settings import CLUSTER, ClusterConfig, ProviderConfig, UpstreamConf
 from router.upstreams.base import UpstreamRequest
 
 
+def client_error(upstream: str, exc: BaseException) -> UpstreamError:
+    """The :mod:`router.errors` exception for an HTTP client exception, naming the upstream but no URL or key."""
+    if isinstance(exc, (TimeoutError, aiohttp.ServerTimeoutError)):
+        phase = "connect" if isinstance(exc, aiohttp.ConnectionTimeoutError) else "read"
+        return UpstreamTimeout(f"{upstream}: {phase} timeout")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamConnectError(f"{upstream}: connection failed")
+    if isinstance(exc, (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
+        return UpstreamProtocolError(f"{upstream}: {type(exc).__name__}")
+    return UpstreamError(f"{upstream}: {type(exc).__name__}")
+
+
 @contextmanager
 def map_client_errors(upstream: str) -> Iterator[None]:
-    """Translate the HTTP client's exceptions, naming the upstream but no URL or key."""
+    """Translate the HTTP client's exceptions (see :func:`client_error`)."""
     try:
         yield
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        phase = "connect" if isinstance(exc, aiohttp.ConnectionTimeoutError) else "read"
-        raise UpstreamTimeout(f"{upstream}: {phase} timeout") from None
-    except aiohttp.ClientConnectorError:
-        raise UpstreamConnectError(f"{upstream}: connection failed") from None
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-        raise UpstreamProtocolError(f"{upstream}: {type(exc).__name__}") from None
-    except aiohttp.ClientError as exc:
-        raise UpstreamError(f"{upstream}: {type(exc).__name__}") from None
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise client_error(upstream, exc) from None
 
 
 class HttpResponse:
@@ -52,11 +57,12 @@ class HttpResponse:
         with map_client_errors(self._upstream):
             self.first_chunk = await self._response.content.readany()
 
-    async def aiter_bytes(self) -> AsyncIterator[bytes]:
-        content = self._response.content
-        with map_client_errors(self._upstream):
-            while chunk := await content.readany():
-                yield chunk
+    async def read_chunk(self) -> bytes:
+        # Called once per relayed chunk: a plain try costs nothing, a context manager would.
+        try:
+            return await self._response.content.readany()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise client_error(self._upstream, exc) from None
 
     async def aread(self) -> bytes:
         with map_client_errors(self._upstream):
