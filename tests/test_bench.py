@@ -47,9 +47,13 @@ def test_overhead_report_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str
     routed = [r for r in rows if r["target"] == "openweight"]
     assert all(r["cpu_ms_per_request"] >= 0 and r["added_p50_ms"] is not None for r in routed)
     assert all(r["cpu_us_per_chunk"] is not None for r in routed if r["mode"] == "stream")
+    for stream in (r for r in routed if r["mode"] == "stream"):
+        plain = next(r for r in routed if r["mode"] == "plain" and r["concurrency"] == stream["concurrency"])
+        assert stream["marginal_us_per_chunk"] == pytest.approx(
+            (stream["cpu_ms_per_request"] - plain["cpu_ms_per_request"]) * 1000 / 5, abs=0.01)
     assert report["machine"] and report["load_average_before"] and report["load_average_after"]
     printed = capsys.readouterr().out
-    assert "openweight bench router" in printed and "cpu ms/req" in printed
+    assert "openweight bench router" in printed and "cpu ms/req" in printed and "marginal us/chunk" in printed
 
 
 def test_failover_report_shape(tmp_path: Path) -> None:

@@ -36,6 +36,7 @@ COLUMNS = [
     Column("rps", "req/s", 8, 1), Column("p50_ms", "p50 ms", 8), Column("p99_ms", "p99 ms", 8),
     Column("added_p50_ms", "+p50 ms", 8), Column("added_p99_ms", "+p99 ms", 8),
     Column("cpu_ms_per_request", "cpu ms/req", 10, 3), Column("cpu_us_per_chunk", "cpu us/chunk", 12, 1),
+    Column("marginal_us_per_chunk", "marginal us/chunk", 17, 1),
     Column("upstream_cpu_ms_per_request", "fake ms/req", 11, 3), Column("errors", "errors", 6),
 ]
 
@@ -115,6 +116,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             log.seek(0)
             print(log.read().decode(errors="replace")[-4000:])
             raise
+    _marginal(result["rows"], args.chunks)
     result["summary"] = summary(result["rows"])
     result["failed"] = any(row["errors"] for row in result["rows"] if row["target"] != "litellm")
     errors = [f"{r['target']} {r['mode']} {r['concurrency']}: {r['error_kinds']}"
@@ -134,6 +136,16 @@ def _added(rows: list[dict[str, Any]]) -> None:
         if direct is not None and row is not direct:
             row["added_p50_ms"] = round(row["p50_ms"] - direct["p50_ms"], 3)
             row["added_p99_ms"] = round(row["p99_ms"] - direct["p99_ms"], 3)
+
+
+def _marginal(rows: list[dict[str, Any]], chunks: int) -> None:
+    """What relaying one more chunk costs: (stream - plain CPU per request) / chunks, same target and
+    concurrency. ``cpu_us_per_chunk`` also spreads the request's own cost over its chunks."""
+    plain = {(r["target"], r["concurrency"]): r.get("cpu_ms_per_request") for r in rows if r["mode"] == "plain"}
+    for row in rows:
+        base = plain.get((row["target"], row["concurrency"]))
+        if row["mode"] == "stream" and base is not None and row.get("cpu_ms_per_request") is not None:
+            row["marginal_us_per_chunk"] = round((row["cpu_ms_per_request"] - base) * 1000 / chunks, 2)
 
 
 def summary(rows: list[dict[str, Any]]) -> list[str]:
