@@ -56,6 +56,18 @@ def test_overhead_report_shape(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "openweight bench router" in printed and "cpu ms/req" in printed and "marginal us/chunk" in printed
 
 
+def test_floor_targets_relay_plain_and_streamed_answers(tmp_path: Path) -> None:
+    code = main(["bench", "router", "--requests", "10", "--concurrency", "1", "--chunks", "5",
+                 "--targets", "direct,floor,floor-aiohttp", "--out", str(tmp_path)])
+    assert code == 0
+    rows = _report(tmp_path, "router")["rows"]
+    assert isinstance(rows, list)
+    floors = [r for r in rows if r["target"].startswith("floor")]
+    assert {(r["target"], r["mode"]) for r in floors} == {
+        (t, m) for t in ("floor", "floor-aiohttp") for m in ("plain", "stream")}
+    assert all(r["errors"] == 0 and r["requests"] == 10 and r["cpu_ms_per_request"] >= 0 for r in floors)
+
+
 def test_failover_report_shape(tmp_path: Path) -> None:
     code = main(["bench", "failover", "--routers", "openweight", "--faults", "refuse,503", "--requests", "8",
                  "--chunks", "3", "--out", str(tmp_path)])

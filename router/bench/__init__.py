@@ -56,10 +56,11 @@ def _overhead(parser: argparse.ArgumentParser, litellm: bool) -> None:
     parser.add_argument("--chunk-delay-s", type=float, default=0.0,
                         help="the fake upstream's seconds before each chunk (0: as fast as it can; an engine "
                         "sends one token at a time)")
-    targets = ("direct", "floor", "openweight", "litellm")
+    targets = ("direct", "floor", "floor-aiohttp", "openweight", "litellm")
     parser.add_argument("--targets", type=names(targets),
                         default=list(targets) if litellm else ["direct", "openweight"],
-                        help="comma-separated: direct, floor (a bare uvicorn pass-through proxy), openweight, litellm")
+                        help="comma-separated: direct, floor (a bare uvicorn pass-through proxy), floor-aiohttp "
+                        "(the same with the router's HTTP client), openweight, litellm")
     parser.add_argument("--litellm-requests", type=int, default=200,
                         help="measured requests per scenario for LiteLLM (slower: fewer are enough for its CPU)")
     parser.add_argument("--json-out", type=Path, help="also copy the JSON report to this file")

@@ -1,4 +1,4 @@
-"""The least a Python proxy on uvicorn can do: the ``floor`` target of ``openweight bench overhead``.
+"""The least a Python proxy on uvicorn can do: the ``floor`` targets of ``openweight bench overhead``.
 
 ``python -m router.bench.floor --port P --upstream http://127.0.0.1:U`` serves a pure ASGI app on
 uvicorn (uvloop, httptools, no access log, like the router) that passes each request to the
@@ -7,6 +7,10 @@ and httptools' response parser) and relays the answer chunk by chunk. It has no 
 fallback, no metrics, no error handling worth the name: it is not a router, only the measure of
 what uvicorn plus one upstream round trip cost in Python, so the router's own share can be told
 apart from the share no Python router on this stack can avoid.
+
+With ``--client aiohttp`` (the ``floor-aiohttp`` target) the same bare proxy talks to the upstream
+through an aiohttp session set up as the router's: the server stack plus the router's HTTP client,
+without the router. The three targets split a request's cost into server, client library and router.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+import aiohttp
 import httptools
 import uvicorn
 
@@ -97,6 +102,9 @@ class FloorProxy:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
+        await self._exchange(scope, body, send)
+
+    async def _exchange(self, scope: Message, body: bytes, send: Callable[[Message], Awaitable[None]]) -> None:
         connection = await self._connection()
         head = f"{scope['method']} {scope['path']} HTTP/1.1\r\ncontent-length: {len(body)}\r\n".encode()
         assert connection.transport is not None
@@ -121,12 +129,41 @@ class FloorProxy:
         return protocol
 
 
+class AiohttpFloorProxy(FloorProxy):
+    """The same bare proxy with the router's HTTP client (an aiohttp session, pooled, no cookies)."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream)
+        self.base = upstream.rstrip("/")
+        self.session: aiohttp.ClientSession | None = None
+
+    async def _exchange(self, scope: Message, body: bytes, send: Callable[[Message], Awaitable[None]]) -> None:
+        if self.session is None:
+            self.session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=100, limit_per_host=0, keepalive_timeout=30),
+                auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
+                skip_auto_headers=("user-agent",),
+            )
+        url = self.base + scope["path"]
+        async with self.session.request(scope["method"], url, data=body,
+                                        headers={"content-type": "application/json"}) as response:
+            content_type = response.headers.get("content-type", "application/json").encode()
+            await send({"type": "http.response.start", "status": response.status,
+                        "headers": [(b"content-type", content_type)]})
+            while chunk := await response.content.readany():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m router.bench.floor", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="base URL of the upstream, e.g. http://127.0.0.1:9000")
+    parser.add_argument("--client", choices=("minimal", "aiohttp"), default="minimal",
+                        help="the upstream client: a minimal HTTP/1.1 one, or an aiohttp session as in the router")
     args = parser.parse_args()
-    uvicorn.run(FloorProxy(args.upstream), host="127.0.0.1", port=args.port, loop="uvloop", http="httptools",
+    app = AiohttpFloorProxy(args.upstream) if args.client == "aiohttp" else FloorProxy(args.upstream)
+    uvicorn.run(app, host="127.0.0.1", port=args.port, loop="uvloop", http="httptools",
                 lifespan="on", access_log=False, log_level="warning")
 
 

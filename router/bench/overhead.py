@@ -3,7 +3,8 @@
 One fake upstream (``python -m router.testing``) answers at once; a second fake is every router's
 fallback provider (configured, never used while the first answers). The same requests go straight
 to the fake (``direct``), through ``floor`` (:mod:`router.bench.floor`: a bare pass-through proxy on
-uvicorn, the least any Python proxy on this stack costs), through openweight and through LiteLLM's
+uvicorn, the least any Python proxy on this stack costs; ``floor-aiohttp``: the same with the
+router's HTTP client), through openweight and through LiteLLM's
 proxy, plain and streaming, at each concurrency, the targets taking turns so that they share the
 machine's conditions. Reported: requests/s, latency percentiles, the latency added over
 ``direct``, errors, and CPU per request of each proxy process (LiteLLM: its whole process tree) and
@@ -29,7 +30,7 @@ from router.bench.harness import free_port, percentile, run_load
 from router.bench.report import Column
 from router.bench.servers import MODEL, fake_upstream, floor_proxy, openweight, router_config
 
-TARGETS = ("direct", "floor", "openweight", "litellm")
+TARGETS = ("direct", "floor", "floor-aiohttp", "openweight", "litellm")
 
 COLUMNS = [
     Column("target", "target", 10), Column("mode", "mode", 6), Column("concurrency", "conc", 4),
@@ -86,10 +87,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stack.enter_context(fake_upstream(fallback, log, chunks=args.chunks, chunk_delay_s=pace))
             primary_url, fallback_url = f"http://127.0.0.1:{primary}/v1", f"http://127.0.0.1:{fallback}/v1"
             urls: dict[str, tuple[str, dict[str, int]]] = {"direct": (primary_url, {})}
-            if "floor" in targets:
-                port = free_port()
-                process = stack.enter_context(floor_proxy(port, f"http://127.0.0.1:{primary}", log))
-                urls["floor"] = (f"http://127.0.0.1:{port}/v1", {"router": process.pid})
+            for floor, client in (("floor", "minimal"), ("floor-aiohttp", "aiohttp")):
+                if floor in targets:
+                    port = free_port()
+                    process = stack.enter_context(floor_proxy(port, f"http://127.0.0.1:{primary}", log, client))
+                    urls[floor] = (f"http://127.0.0.1:{port}/v1", {"router": process.pid})
             if "openweight" in targets:
                 port = free_port()
                 config = router_config(primary_url, fallback_url)
@@ -171,7 +173,8 @@ def chart(result: dict[str, Any]) -> Any:
     rows = result["rows"]
     fig, (cpu_ax, rps_ax, p50_ax) = report.figure(3, f"openweight bench overhead - {result['date'][:10]}, "
                                                      f"{result['machine']['cores']} cores")
-    styles = {"direct": "tab:gray", "floor": "tab:green", "openweight": "tab:blue", "litellm": "tab:red"}
+    styles = {"direct": "tab:gray", "floor": "tab:green", "floor-aiohttp": "tab:olive", "openweight": "tab:blue",
+              "litellm": "tab:red"}
     for target, color in styles.items():
         for mode, line in (("plain", "-"), ("stream", "--")):
             picked = [r for r in rows if r["target"] == target and r["mode"] == mode]
