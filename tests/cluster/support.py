@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import socket
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -26,9 +25,3 @@ def quiet_vllm_import(test: F) -> F:
     for spec in _VLLM_IMPORT_WARNINGS:
         test = pytest.mark.filterwarnings(spec)(test)
     return test
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from router.testing import FakeUpstream
-from tests.cluster.support import HAS_RAY, HAS_VLLM, free_port
+from tests.cluster.support import HAS_RAY, HAS_VLLM
+from tests.conftest import free_port
 from tests.deploy import support as deploy_support
 
 MODEL = "smollm2-135m-instruct"
