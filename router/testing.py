@@ -260,16 +260,31 @@ class FakeUpstream:
 
     async def _hang(self, receive: Receive) -> None:
         """Answer nothing until the client leaves or the fake stops (then drop the connection)."""
+        if await self._until_gone(asyncio.get_running_loop().create_future(), receive) == "closing":
+            raise _Cut(f"fake upstream {self.name} stopping")
+
+    async def _until_gone(self, work: Awaitable[None], receive: Receive) -> str:
+        """Run `work` until it ends, the client leaves or the fake stops: ``done``, ``gone`` or ``closing``.
+
+        `work` is cancelled unless it ended; its exception (e.g. a _Cut) propagates.
+        """
         assert self._closing is not None
+        answer = asyncio.ensure_future(work)
         gone = asyncio.create_task(_wait_disconnect(receive))
         closing = asyncio.create_task(self._closing.wait())
         try:
-            await asyncio.wait((gone, closing), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((answer, gone, closing), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            answer.cancel()
+            raise
         finally:
             gone.cancel()
             closing.cancel()
-        if closing.done() and not gone.done():
-            raise _Cut(f"fake upstream {self.name} stopping")
+        if answer.done():
+            answer.result()
+            return "done"
+        answer.cancel()
+        return "gone" if gone.done() else "closing"
 
     async def _inference(self, kind: str, scope: Message, receive: Receive, send: Send) -> None:
         raw = await _read_body(receive)
@@ -283,23 +298,11 @@ class FakeUpstream:
         received = Received(scope["method"], scope["path"], headers, raw, body, stream)
         self.requests.append(received)
         behavior = self._script.popleft() if self._script else self.default
-        assert self._closing is not None
-        answer = asyncio.create_task(self._answer(kind, behavior, request, received, send))
-        gone = asyncio.create_task(_wait_disconnect(receive))
-        closing = asyncio.create_task(self._closing.wait())
-        try:
-            await asyncio.wait((answer, gone, closing), return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            answer.cancel()
-            raise
-        finally:
-            gone.cancel()
-            closing.cancel()
-        if answer.done():
-            answer.result()  # a _Cut propagates to uvicorn, which then drops the connection
+        # A _Cut from the answer propagates to uvicorn, which then drops the connection.
+        outcome = await self._until_gone(self._answer(kind, behavior, request, received, send), receive)
+        if outcome == "done":
             return
-        answer.cancel()
-        if gone.done() and not received.completed:
+        if outcome == "gone" and not received.completed:
             self._note_disconnect(received)
             return
         raise _Cut(f"fake upstream {self.name} stopping")
