@@ -103,20 +103,28 @@ def answers(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+def listening(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port`` now."""
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 @contextlib.contextmanager
-def service(name: str, argv: list[str], ready_url: str | None, log: IO[bytes], *,
+def service(name: str, argv: list[str], ready: str | Callable[[], bool] | None, log: IO[bytes], *,
             env: Mapping[str, str] | None = None, ready_timeout_s: float = 60.0) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``argv`` until the block ends (SIGTERM to its process group, then SIGKILL); first wait until
-    ``ready_url`` answers 200 (when given)."""
+    it is ready: ``ready`` is a URL that must answer 200, or a check (when given)."""
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=dict(env) if env else None,
                                start_new_session=True)
     try:
         deadline = time.monotonic() + ready_timeout_s
-        while ready_url is not None and not answers(ready_url):
+        is_ready = (lambda: answers(ready)) if isinstance(ready, str) else ready
+        while is_ready is not None and not is_ready():
             if process.poll() is not None:
                 raise RuntimeError(f"{name} exited with status {process.returncode}: {shlex.join(argv)}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not become ready at {ready_url} within {ready_timeout_s:.0f} s")
+                where = f" at {ready}" if isinstance(ready, str) else ""
+                raise RuntimeError(f"{name} did not become ready{where} within {ready_timeout_s:.0f} s")
             time.sleep(0.1)
         yield process
     finally:

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import yaml
 
-from router.bench.harness import service
+from router.bench.harness import listening, service
 
 MODEL = "bench-model"
 """The model every suite asks for; fakes answer under any name."""
@@ -30,23 +29,11 @@ def fake_upstream(port: int, log: IO[bytes], *, chunks: int = 100, chunk_delay_s
             "--chunk-delay-s", str(chunk_delay_s), "--model", MODEL, "--status", str(status)]
     if hang:
         argv.append("--hang")
-    ready = f"http://127.0.0.1:{port}/v1/models" if status == 200 and not hang else None
-    with service(f"fake upstream :{port}", argv, ready, log) as process:
-        if ready is None:
-            _wait_listening(port, process)
+    # A failing fake answers no 200 (or nothing at all): accepting connections is ready enough.
+    healthy = status == 200 and not hang
+    ready = f"http://127.0.0.1:{port}/v1/models" if healthy else functools.partial(listening, port)
+    with service(f"fake upstream :{port}", argv, ready, log, ready_timeout_s=60.0 if healthy else 30.0) as process:
         yield process
-
-
-def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"fake upstream :{port} exited with status {process.returncode}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"fake upstream :{port} did not listen within {timeout_s:.0f} s")
 
 
 def router_config(primary_url: str, fallback_url: str | None, *, cluster: dict[str, Any] | None = None,
