@@ -20,12 +20,10 @@ import argparse
 import asyncio
 import json
 import statistics
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from router.bench import report
-from router.bench.harness import percentile, run_load
+from router.bench.harness import percentile, run_load, workspace
 from router.bench.report import Column
 from router.bench.servers import openweight
 from router.bench.stack import MODEL, local_stack, stack_config, vllm_server, write_config
@@ -78,26 +76,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = {"concurrency": args.concurrency, "requests": args.requests, "max_tokens": args.max_tokens,
                 "rounds": args.rounds, "prompt": PROMPT, "model": MODEL}
     result = report.new_report("e2e", settings)
-    with tempfile.TemporaryDirectory(prefix="openweight-bench-") as tmp, \
-            open(Path(tmp) / "processes.log", "w+b") as log:
+    with workspace() as (tmp, log):
         config = stack_config()
-        path = write_config(config, Path(tmp))
-        try:
-            # Both run at once (idle engines cost no CPU) so that each round measures the three targets
-            # back to back, under the same conditions on a shared machine.
-            with vllm_server(path, log) as vllm_url, local_stack(path, log), \
-                    openweight(config, config["router"]["port"], Path(tmp), log) as router:
-                router_url = f"http://127.0.0.1:{config['router']['port']}/v1"
-                targets = [("vllm", vllm_url, None), ("router", router_url, router.pid),
-                           ("serve", config["cluster"]["url"], None)]
-                for round_ in range(1, args.rounds + 1):
-                    shift = (round_ - 1) % len(targets)
-                    for target, url, pid in targets[shift:] + targets[:shift]:
-                        result["rows"].append(_measure(target, round_, url, args, pid))
-        except RuntimeError:
-            log.seek(0)
-            print(log.read().decode(errors="replace")[-6000:])
-            raise
+        path = write_config(config, tmp)
+        # Both run at once (idle engines cost no CPU) so that each round measures the three targets
+        # back to back, under the same conditions on a shared machine.
+        with vllm_server(path, log) as vllm_url, local_stack(path, log), \
+                openweight(config, config["router"]["port"], tmp, log) as router:
+            router_url = f"http://127.0.0.1:{config['router']['port']}/v1"
+            targets = [("vllm", vllm_url, None), ("router", router_url, router.pid),
+                       ("serve", config["cluster"]["url"], None)]
+            for round_ in range(1, args.rounds + 1):
+                shift = (round_ - 1) % len(targets)
+                for target, url, pid in targets[shift:] + targets[:shift]:
+                    result["rows"].append(_measure(target, round_, url, args, pid))
     result["summary"] = summary(result["rows"])
     result["failed"] = any(row["errors"] for row in result["rows"])
     text = report.table(result["rows"], COLUMNS) + "\n\n" + "\n".join(result["summary"])

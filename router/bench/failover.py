@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 from router.bench import litellm, names, report
-from router.bench.harness import Result, client_session, fetch, free_port, percentile
+from router.bench.harness import Result, client_session, fetch, free_port, percentile, workspace
 from router.bench.overhead import request_body
 from router.bench.report import Column
 from router.bench.servers import MODEL, fake_upstream, openweight, router_config
@@ -159,19 +158,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = {"requests": args.requests, "first_byte_timeout_s": args.timeout, "chunks": args.chunks,
                 "recovery_interval_s": args.recovery_interval, "litellm": litellm.VERSION}
     result = report.new_report("failover", settings)
-    with tempfile.TemporaryDirectory(prefix="openweight-bench-") as tmp, \
-            open(Path(tmp) / "processes.log", "w+b") as log:
+    with workspace() as (tmp, log):
         fallback = free_port()
-        try:
-            with fake_upstream(fallback, log, chunks=args.chunks):
-                fallback_url = f"http://127.0.0.1:{fallback}/v1"
-                for name in args.routers:
-                    for fault in args.faults:
-                        result["rows"].append(_scenario(name, fault, args, fallback_url, Path(tmp), log))
-        except RuntimeError:
-            log.seek(0)
-            print(log.read().decode(errors="replace")[-4000:])
-            raise
+        with fake_upstream(fallback, log, chunks=args.chunks):
+            fallback_url = f"http://127.0.0.1:{fallback}/v1"
+            for name in args.routers:
+                for fault in args.faults:
+                    result["rows"].append(_scenario(name, fault, args, fallback_url, tmp, log))
     result["failed"] = any(row["errors"] for row in result["rows"] if row["router"] == "openweight")
     text = report.table(result["rows"], COLUMNS)
     text += ("\n\nTTFT in ms; healthy: through the router with a healthy primary; tried: requests that attempted "

@@ -22,6 +22,7 @@ import re
 import shlex
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -129,6 +130,20 @@ def service(name: str, argv: list[str], ready: str | Callable[[], bool] | None, 
         yield process
     finally:
         stop_group(process)
+
+
+@contextlib.contextmanager
+def workspace() -> Iterator[tuple[Path, IO[bytes]]]:
+    """A suite's scratch folder and the log its child processes write (``processes.log``). When a
+    child does not start or answer (RuntimeError), the log's tail is printed before the error goes on."""
+    with tempfile.TemporaryDirectory(prefix="openweight-bench-") as tmp, \
+            open(Path(tmp) / "processes.log", "w+b") as log:
+        try:
+            yield Path(tmp), log
+        except RuntimeError:
+            log.seek(0)
+            print(log.read().decode(errors="replace")[-6000:])
+            raise
 
 
 def stop_group(process: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:

@@ -21,12 +21,11 @@ import asyncio
 import collections
 import contextlib
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from router.bench import litellm, report
-from router.bench.harness import free_port, percentile, run_load
+from router.bench.harness import free_port, percentile, run_load, workspace
 from router.bench.report import Column
 from router.bench.servers import MODEL, fake_upstream, floor_proxy, openweight, router_config
 
@@ -77,47 +76,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = report.new_report(args.suite, settings)
     if "litellm" in targets:
         litellm.ensure_installed()
-    with tempfile.TemporaryDirectory(prefix="openweight-bench-") as tmp, \
-            open(Path(tmp) / "processes.log", "w+b") as log, contextlib.ExitStack() as stack:
-        directory = Path(tmp)
-        try:
-            primary, fallback = free_port(), free_port()
-            pace = args.chunk_delay_s
-            upstream = stack.enter_context(fake_upstream(primary, log, chunks=args.chunks, chunk_delay_s=pace))
-            stack.enter_context(fake_upstream(fallback, log, chunks=args.chunks, chunk_delay_s=pace))
-            primary_url, fallback_url = f"http://127.0.0.1:{primary}/v1", f"http://127.0.0.1:{fallback}/v1"
-            urls: dict[str, tuple[str, dict[str, int]]] = {"direct": (primary_url, {})}
-            for floor, client in (("floor", "minimal"), ("floor-aiohttp", "aiohttp")):
-                if floor in targets:
-                    port = free_port()
-                    process = stack.enter_context(floor_proxy(port, f"http://127.0.0.1:{primary}", log, client))
-                    urls[floor] = (f"http://127.0.0.1:{port}/v1", {"router": process.pid})
-            if "openweight" in targets:
+    with workspace() as (directory, log), contextlib.ExitStack() as stack:
+        primary, fallback = free_port(), free_port()
+        pace = args.chunk_delay_s
+        upstream = stack.enter_context(fake_upstream(primary, log, chunks=args.chunks, chunk_delay_s=pace))
+        stack.enter_context(fake_upstream(fallback, log, chunks=args.chunks, chunk_delay_s=pace))
+        primary_url, fallback_url = f"http://127.0.0.1:{primary}/v1", f"http://127.0.0.1:{fallback}/v1"
+        urls: dict[str, tuple[str, dict[str, int]]] = {"direct": (primary_url, {})}
+        for floor, client in (("floor", "minimal"), ("floor-aiohttp", "aiohttp")):
+            if floor in targets:
                 port = free_port()
-                config = router_config(primary_url, fallback_url)
-                process = stack.enter_context(openweight(config, port, directory, log))
-                urls["openweight"] = (f"http://127.0.0.1:{port}/v1", {"router": process.pid})
-            if "litellm" in targets:
-                port = free_port()
-                peer = litellm.config(MODEL, primary_url, fallback_url)
-                process = stack.enter_context(litellm.proxy(peer, port, directory, log))
-                urls["litellm"] = (f"http://127.0.0.1:{port}/v1", {"router": process.pid})
-            for stream in (False, True):
-                for concurrency in args.concurrency:
-                    rows = []
-                    for target in targets:
-                        url, pids = urls[target]
-                        watch = {**pids, "upstream": upstream.pid}
-                        count = args.litellm_requests if target == "litellm" else args.requests
-                        load = asyncio.run(run_load(f"{url}/chat/completions", request_body(stream, args.chunks),
-                                                    concurrency=concurrency, requests=count, watch=watch))
-                        rows.append(_row(target, stream, concurrency, count, args.chunks, load, pids))
-                    _added(rows)
-                    result["rows"] += rows
-        except RuntimeError:
-            log.seek(0)
-            print(log.read().decode(errors="replace")[-4000:])
-            raise
+                process = stack.enter_context(floor_proxy(port, f"http://127.0.0.1:{primary}", log, client))
+                urls[floor] = (f"http://127.0.0.1:{port}/v1", {"router": process.pid})
+        if "openweight" in targets:
+            port = free_port()
+            config = router_config(primary_url, fallback_url)
+            process = stack.enter_context(openweight(config, port, directory, log))
+            urls["openweight"] = (f"http://127.0.0.1:{port}/v1", {"router": process.pid})
+        if "litellm" in targets:
+            port = free_port()
+            peer = litellm.config(MODEL, primary_url, fallback_url)
+            process = stack.enter_context(litellm.proxy(peer, port, directory, log))
+            urls["litellm"] = (f"http://127.0.0.1:{port}/v1", {"router": process.pid})
+        for stream in (False, True):
+            for concurrency in args.concurrency:
+                rows = []
+                for target in targets:
+                    url, pids = urls[target]
+                    watch = {**pids, "upstream": upstream.pid}
+                    count = args.litellm_requests if target == "litellm" else args.requests
+                    load = asyncio.run(run_load(f"{url}/chat/completions", request_body(stream, args.chunks),
+                                                concurrency=concurrency, requests=count, watch=watch))
+                    rows.append(_row(target, stream, concurrency, count, args.chunks, load, pids))
+                _added(rows)
+                result["rows"] += rows
     _marginal(result["rows"], args.chunks)
     result["summary"] = summary(result["rows"])
     result["failed"] = any(row["errors"] for row in result["rows"] if row["target"] != "litellm")

@@ -21,13 +21,11 @@ import argparse
 import asyncio
 import collections
 import json
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 from router.bench import report
-from router.bench.harness import Result, free_port, rss_bytes, run_load
+from router.bench.harness import Result, free_port, rss_bytes, run_load, workspace
 from router.bench.report import Column
 from router.bench.servers import fake_upstream, openweight
 from router.bench.stack import MODEL, engine_processes, kill_engine, local_stack, stack_config, write_config
@@ -101,24 +99,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result = report.new_report("soak", settings)
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Tell me about the sea."}],
                        "max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}).encode()
-    with tempfile.TemporaryDirectory(prefix="openweight-bench-") as tmp, \
-            open(Path(tmp) / "processes.log", "w+b") as log:
+    with workspace() as (tmp, log):
         fallback = free_port()
         config = stack_config(fallback_url=f"http://127.0.0.1:{fallback}/v1",
                               cluster={"first_byte_timeout_s": args.first_byte_timeout})
         result["settings"]["config"] = config
-        path = write_config(config, Path(tmp))
-        try:
-            with fake_upstream(fallback, log, chunks=args.max_tokens, chunk_delay_s=args.fallback_chunk_delay), \
-                    local_stack(path, log), openweight(config, config["router"]["port"], Path(tmp), log) as router:
-                if not engine_processes():
-                    raise RuntimeError("no vLLM engine process (VLLM::EngineCore) found below this process")
-                url = f"http://127.0.0.1:{config['router']['port']}/v1/chat/completions"
-                events = asyncio.run(_soak(url, body, router.pid, args))
-        except RuntimeError:
-            log.seek(0)
-            print(log.read().decode(errors="replace")[-6000:])
-            raise
+        path = write_config(config, tmp)
+        with fake_upstream(fallback, log, chunks=args.max_tokens, chunk_delay_s=args.fallback_chunk_delay), \
+                local_stack(path, log), openweight(config, config["router"]["port"], tmp, log) as router:
+            if not engine_processes():
+                raise RuntimeError("no vLLM engine process (VLLM::EngineCore) found below this process")
+            url = f"http://127.0.0.1:{config['router']['port']}/v1/chat/completions"
+            events = asyncio.run(_soak(url, body, router.pid, args))
     counts = collections.Counter(o for _, _, o in events["results"])
     rss = [mib for _, mib in events["rss"]]
     kill_at = events["killed_at_s"]
