@@ -3,8 +3,9 @@
 ``openweight run --config deploy/examples/local.yaml``:
 
 1. prepare the built-in models (download and convert once; later runs only check the cache);
-2. start a private local Ray (:func:`cluster.runtime.start_local_ray`) and Serve's HTTP proxy on
-   the host and port of ``cluster.url``;
+2. start a private local Ray (:func:`cluster.runtime.start_local_ray`) and Serve, whose OpenAI
+   ingress replica answers on the host and port of ``cluster.url`` itself (Serve's direct ingress,
+   see :func:`direct_ingress`; Serve's proxy then listens on a private port);
 3. deploy the Serve config that KubeRay would get (Serve builds the ``ray.serve.llm`` application
    from it with ``cluster.builder:app_from_args``, so this process never imports vLLM) and wait
    until every replica is ready;
@@ -28,7 +29,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -61,6 +62,19 @@ def _endpoint(url: str, what: str) -> tuple[str, int]:
     if parts.scheme != "http" or parts.hostname is None:
         raise StackError(f"{what}: the local stack needs an http:// URL, got {url}")
     return parts.hostname, parts.port or 80
+
+
+def direct_ingress(specs: Mapping[str, ServeSpec]) -> bool:
+    """Whether ``cluster.url`` is served by the ingress replica itself rather than Serve's proxy.
+
+    The local stack is one node with one ingress replica, so the proxy process in front of it is a
+    hop with nothing to route: every token crosses one process less, and on a small machine that
+    process no longer takes CPU from the engine (``openweight bench e2e``, README). Not when every
+    model may scale to zero: Serve then scales the ingress to zero as well, and only the proxy,
+    holding a request, would bring it back. (On Kubernetes the chart keeps Serve's proxies:
+    KubeRay's Service routes to them.)
+    """
+    return any(spec.replicas.min > 0 for spec in specs.values())
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -101,6 +115,8 @@ class LocalStack:
     """False: the cluster only (``openweight cluster up`` without ``RAY_ADDRESS``)."""
     timings: Timings = field(default_factory=Timings)
     _local_ray: Any = None
+    _proxy_port: int | None = None
+    """Serve's proxy: the port of ``cluster.url``, or a private one with direct ingress."""
     _router: subprocess.Popen[bytes] | None = None
 
     def __post_init__(self) -> None:
@@ -116,6 +132,12 @@ class LocalStack:
     @property
     def _steps(self) -> int:
         return 4 if self.with_router else 3
+
+    @property
+    def proxy_url(self) -> str:
+        """``cluster.url`` through Serve's proxy (the same as ``cluster.url`` without direct ingress)."""
+        parts = urlsplit(self.settings.cluster.url)
+        return parts._replace(netloc=f"{self.serve_host}:{self._proxy_port or self.serve_port}").geturl()
 
     @property
     def router_url(self) -> str:
@@ -164,7 +186,7 @@ class LocalStack:
             self.progress(f"  {model_id}: {source}")
 
     def _start_ray(self) -> None:
-        from cluster.runtime import start_local_ray, start_serve
+        from cluster.runtime import free_port, start_local_ray, start_serve
 
         self.progress(f"[2/{self._steps}] local Ray")
         needed = sum(
@@ -172,8 +194,14 @@ class LocalStack:
             for spec in self.specs.values()
         )
         num_cpus = max(os.cpu_count() or 1, int(needed) + 2)  # + the OpenAI ingress and a spare
-        self._local_ray = start_local_ray(num_cpus=num_cpus, metrics_export_port=self.metrics_export_port)
-        start_serve(host=self.serve_host, port=self.serve_port)
+        direct = direct_ingress(self.specs)
+        self._proxy_port = free_port(self.serve_host) if direct else self.serve_port
+        self._local_ray = start_local_ray(
+            num_cpus=num_cpus,
+            metrics_export_port=self.metrics_export_port,
+            direct_ingress_port=self.serve_port if direct else None,
+        )
+        start_serve(host=self.serve_host, port=self._proxy_port)
         ray_env = f"RAY_ADDRESS={self._local_ray.gcs_address} RAY_AUTH_TOKEN_PATH={self._local_ray.token_path}"
         self.progress(f"  Ray up; logs in {self._local_ray.log_dir}")
         self.progress(f"  to reach it (e.g. `openweight cluster status`): {ray_env}")
@@ -182,7 +210,7 @@ class LocalStack:
         """The Serve config this stack deploys: the one KubeRay gets, with this stack's HTTP address."""
         from cluster.builder import serve_config
 
-        return serve_config(self.settings, self.public_specs, http_host=self.serve_host, http_port=self.serve_port)
+        return serve_config(self.settings, self.public_specs, http_host=self.serve_host, http_port=self._proxy_port)
 
     def deploy(self) -> None:
         """Deploy (or deploy again) the Serve application and wait until it runs.
@@ -198,11 +226,22 @@ class LocalStack:
         deploy_config(self.serve_config(), timeout_s=self.deploy_timeout_s, progress=self.progress)
         self.progress(f"  cluster ready at {self.settings.cluster.url}")
 
-    def undeploy(self) -> None:
-        """Delete the Serve application (the router then falls back to providers)."""
+    def undeploy(self, timeout_s: float = 180.0) -> None:
+        """Delete the Serve application (the router then falls back to providers).
+
+        With direct ingress, also wait until the ingress replica has let go of its port: a
+        replica of the next :meth:`deploy` that found it still bound would have Serve mark the
+        port unusable for good.
+        """
         from cluster.runtime import delete
 
         delete()
+        deadline = time.monotonic() + timeout_s
+        while self._proxy_port != self.serve_port and not _port_free(self.serve_host, self.serve_port):
+            if time.monotonic() > deadline:
+                raise StackError(f"cluster.url: {self.serve_host}:{self.serve_port} still in use {timeout_s:.0f} s "
+                                 "after the application was deleted")
+            time.sleep(0.2)
 
     def _start_router(self) -> None:
         self.progress("[4/4] router")

@@ -5,10 +5,13 @@ answer exactly ``--max-tokens`` tokens: ``ignore_eos``, temperature 0) goes to:
 
 - ``vllm``: ``python -m vllm.entrypoints.openai.api_server`` with the model folder, engine arguments
   and environment the Serve replica gets;
-- ``serve``: the Ray Serve OpenAI ingress of the local stack (``cluster.stack.LocalStack``);
+- ``serve``: the Ray Serve OpenAI ingress of the local stack (``cluster.stack.LocalStack``), which
+  answers HTTP itself (Serve's direct ingress);
+- ``proxy``: the same ingress behind Serve's proxy process, as on Kubernetes (shown when the stack
+  runs direct ingress);
 - ``router``: openweight in front of that same stack (router -> Ray Serve -> vLLM).
 
-All three are up at once (an idle engine costs no CPU) and take turns in each round, each round
+All are up at once (an idle engine costs no CPU) and take turns in each round, each round
 starting with the next one, so that they share the machine's conditions. Reported per run: output tokens/s (from each
 answer's ``usage``), time to first token, request latency, errors, the router's CPU per request;
 then the ratio of each stack path to vLLM's own server. Engine start-up takes minutes on CPU.
@@ -81,11 +84,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         path = write_config(config, tmp)
         # Both run at once (idle engines cost no CPU) so that each round measures the three targets
         # back to back, under the same conditions on a shared machine.
-        with vllm_server(path, log) as vllm_url, local_stack(path, log), \
+        with vllm_server(path, log) as vllm_url, local_stack(path, log) as stack, \
                 openweight(config, config["router"]["port"], tmp, log) as router:
             router_url = f"http://127.0.0.1:{config['router']['port']}/v1"
             targets = [("vllm", vllm_url, None), ("router", router_url, router.pid),
                        ("serve", config["cluster"]["url"], None)]
+            if stack.proxy_url != config["cluster"]["url"]:
+                targets.append(("proxy", stack.proxy_url, None))
             for round_ in range(1, args.rounds + 1):
                 shift = (round_ - 1) % len(targets)
                 for target, url, pid in targets[shift:] + targets[:shift]:
@@ -105,7 +110,7 @@ def _mean(rows: list[dict[str, Any]], target: str, key: str) -> float | None:
 def summary(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     base_tps, base_ttft = _mean(rows, "vllm", "tokens_per_s"), _mean(rows, "vllm", "ttft_p50_ms")
-    for target in ("serve", "router"):
+    for target in ("serve", "proxy", "router"):
         tps, ttft = _mean(rows, target, "tokens_per_s"), _mean(rows, target, "ttft_p50_ms")
         if tps is None or not base_tps:
             continue
@@ -120,9 +125,10 @@ def chart(result: dict[str, Any]) -> Any:
     rows = result["rows"]
     fig, (tps_ax, ttft_ax) = report.figure(2, f"openweight bench e2e - {MODEL} on CPU ({result['date'][:10]}, "
                                               f"concurrency {result['settings']['concurrency']})", width=4.6)
-    targets = ["vllm", "serve", "router"]
-    labels = ["vLLM server", "Ray Serve", "router -> Serve"]
-    colors = ["tab:gray", "tab:orange", "tab:blue"]
+    targets = [t for t in ("vllm", "serve", "proxy", "router") if any(r["target"] == t for r in rows)]
+    names = {"vllm": "vLLM server", "serve": "Ray Serve", "proxy": "Serve proxy", "router": "router -> Serve"}
+    palette = {"vllm": "tab:gray", "serve": "tab:orange", "proxy": "tab:brown", "router": "tab:blue"}
+    labels, colors = [names[t] for t in targets], [palette[t] for t in targets]
     for ax, key, title in ((tps_ax, "tokens_per_s", "output tokens/s"), (ttft_ax, "ttft_p50_ms", "TTFT p50, ms")):
         means = [_mean(rows, t, key) or 0.0 for t in targets]
         bars = ax.bar(labels, means, color=colors)

@@ -205,3 +205,13 @@ def test_config_cli_and_builder_modules_import_neither_ray_nor_vllm() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_local_stack_serves_the_cluster_url_from_the_ingress_replica_unless_every_model_scales_to_zero() -> None:
+    from cluster.stack import direct_ingress
+
+    fixed, to_zero = {"source": "x"}, {"source": "x", "replicas": {"min": 0, "max": 2}}
+    assert direct_ingress(parse_serve_specs({"a": fixed}))
+    assert direct_ingress(parse_serve_specs({"a": to_zero, "b": fixed}))
+    # Serve scales the ingress to zero with the models; only its proxy would bring it back.
+    assert not direct_ingress(parse_serve_specs({"a": to_zero, "b": to_zero}))

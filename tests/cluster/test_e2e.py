@@ -133,6 +133,17 @@ def test_completion_stream(stack: Stack) -> None:
     assert "Paris" in "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
 
 
+def test_the_ingress_replica_answers_on_the_cluster_url_and_serve_proxy_on_its_own_port(stack: Stack) -> None:
+    """Direct ingress: ``cluster.url`` is the OpenAI ingress replica itself; Serve's proxy, still
+    running, routes to the same application from a private port."""
+    assert stack.local.proxy_url != stack.local.settings.cluster.url
+    for url in (stack.local.settings.cluster.url, stack.local.proxy_url):
+        models = httpx.get(f"{url}/models", timeout=30)
+        assert models.status_code == 200 and [m["id"] for m in models.json()["data"]] == [MODEL], url
+    answer = httpx.post(f"{stack.local.proxy_url}/chat/completions", json=chat(), timeout=120)
+    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
+
+
 def test_every_ray_metric_the_dashboards_and_rules_query_is_exported(stack: Stack) -> None:
     """A real scrape of the metrics agent carries every ray_* name in deploy/ (list: tests/deploy).
 
