@@ -126,7 +126,7 @@ def chart(result: dict[str, Any]) -> Any:
     fig, (tps_ax, ttft_ax) = report.figure(2, f"openweight bench e2e - {MODEL} on CPU ({result['date'][:10]}, "
                                               f"concurrency {result['settings']['concurrency']})", width=4.6)
     targets = [t for t in ("vllm", "serve", "proxy", "router") if any(r["target"] == t for r in rows)]
-    names = {"vllm": "vLLM server", "serve": "Ray Serve", "proxy": "Serve proxy", "router": "router -> Serve"}
+    names = {"vllm": "vLLM server", "serve": "Ray Serve", "proxy": "Serve\nvia proxy", "router": "router\n-> Serve"}
     palette = {"vllm": "tab:gray", "serve": "tab:orange", "proxy": "tab:brown", "router": "tab:blue"}
     labels, colors = [names[t] for t in targets], [palette[t] for t in targets]
     for ax, key, title in ((tps_ax, "tokens_per_s", "output tokens/s"), (ttft_ax, "ttft_p50_ms", "TTFT p50, ms")):
