@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with workspace() as (tmp, log):
         config = stack_config()
         path = write_config(config, tmp)
-        # Both run at once (idle engines cost no CPU) so that each round measures the three targets
+        # Both engines run at once (an idle one costs no CPU) so that each round measures every target
         # back to back, under the same conditions on a shared machine.
         with vllm_server(path, log) as vllm_url, local_stack(path, log) as stack, \
                 openweight(config, config["router"]["port"], tmp, log) as router:
