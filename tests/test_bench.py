@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from router.bench.harness import percentile
+from router.bench.harness import descendants, percentile, stop_group
 from router.bench.report import Column, table
+from router.bench.stack import engine_processes, serve_processes
 from router.cli import main
 
 
@@ -23,6 +26,34 @@ def test_percentile_is_nearest_rank() -> None:
 def test_table_prints_missing_values_as_dashes() -> None:
     text = table([{"a": 1.234, "b": None}], [Column("a", "a", 6), Column("b", "b", 4)])
     assert text.splitlines() == ["     a    b", "  1.23    -"]
+
+
+def _argv0(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return ""
+
+
+def test_stack_processes_are_told_apart_by_their_names() -> None:
+    """The e2e suite counts CPU per role; Ray and vLLM name each process after what runs in it."""
+    names = ["ray::ServeReplica:openweight:OpenAiIngress", "ray::ServeReplica:openweight:LLMServer:m",
+             "ray::ProxyActor", "ray::ServeController", "VLLM::EngineCore", "VLLM::Worker"]
+    script = " ".join(f"(exec -a '{name}' sleep 60) &" for name in names) + " wait"
+    parent = subprocess.Popen(["bash", "-c", script], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # each child is a subshell until its exec: wait for all the names
+            by_name = {_argv0(pid): pid for pid in descendants(parent.pid)[1:]}
+            if sorted(by_name) == sorted(names) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert sorted(by_name) == sorted(names)
+        assert serve_processes(parent.pid) == {
+            "ingress": [by_name[names[0]]], "llm_server": [by_name[names[1]]], "proxy": [by_name[names[2]]]}
+        assert sorted(engine_processes(parent.pid)) == sorted([by_name[names[4]], by_name[names[5]]])
+    finally:
+        stop_group(parent)
 
 
 def _report(out: Path, suite: str) -> dict[str, object]:

@@ -13,8 +13,11 @@ answer exactly ``--max-tokens`` tokens: ``ignore_eos``, temperature 0) goes to:
 
 All are up at once (an idle engine costs no CPU) and take turns in each round, each round
 starting with the next one, so that they share the machine's conditions. Reported per run: output tokens/s (from each
-answer's ``usage``), time to first token, request latency, errors, the router's CPU per request;
-then the ratio of each stack path to vLLM's own server. Engine start-up takes minutes on CPU.
+answer's ``usage``), time to first token, request latency, errors, the router's CPU per request,
+and where each target's CPU went per output token: its *serving* processes (every process a token
+crosses between the engine and the client: vLLM's API server; Serve's LLM replica and ingress
+replica, plus its proxy or the router) and its engine (vLLM's engine core and model runner); then
+the ratio of each stack path to vLLM's own server. Engine start-up takes minutes on CPU.
 """
 
 from __future__ import annotations
@@ -29,7 +32,15 @@ from router.bench import report
 from router.bench.harness import percentile, run_load, workspace
 from router.bench.report import Column
 from router.bench.servers import openweight
-from router.bench.stack import MODEL, local_stack, stack_config, vllm_server, write_config
+from router.bench.stack import (
+    MODEL,
+    engine_processes,
+    local_stack,
+    serve_processes,
+    stack_config,
+    vllm_server,
+    write_config,
+)
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
@@ -38,6 +49,8 @@ COLUMNS = [
     Column("tokens", "tokens", 7), Column("tokens_per_s", "tok/s", 8, 1), Column("ttft_p50_ms", "TTFT p50", 9, 0),
     Column("ttft_p99_ms", "TTFT p99", 9, 0), Column("latency_p50_s", "lat p50 s", 9), Column("errors", "errors", 6),
     Column("router_cpu_ms_per_request", "router ms/req", 13, 2),
+    Column("serving_cpu_ms_per_token", "serving ms/tok", 14, 2),
+    Column("engine_cpu_ms_per_token", "engine ms/tok", 13, 1),
 ]
 
 
@@ -55,8 +68,25 @@ def request_body(max_tokens: int) -> bytes:
     }).encode()
 
 
-def _measure(target: str, round_: int, url: str, args: argparse.Namespace, router_pid: int | None) -> dict[str, Any]:
-    watch = {"router": router_pid} if router_pid else {}
+def processes(vllm_pid: int, router_pid: int) -> dict[str, tuple[list[int], list[int]]]:
+    """Per target: (its serving processes, its engine processes), looked up now (replicas may restart)."""
+    vllm_engine = engine_processes(vllm_pid)
+    stack_engine = [pid for pid in engine_processes() if pid not in vllm_engine]
+    serve = serve_processes()
+    replicas = serve["llm_server"] + serve["ingress"]
+    return {
+        "vllm": ([vllm_pid], vllm_engine),
+        "serve": (replicas, stack_engine),
+        "proxy": (serve["proxy"] + replicas, stack_engine),
+        "router": ([router_pid, *replicas], stack_engine),
+    }
+
+
+def _measure(target: str, round_: int, url: str, args: argparse.Namespace, serving: list[int], engine: list[int],
+             router_pid: int | None) -> dict[str, Any]:
+    watch = {f"serving {pid}": pid for pid in serving} | {f"engine {pid}": pid for pid in engine}
+    if router_pid:
+        watch["router"] = router_pid
     load = asyncio.run(run_load(f"{url}/chat/completions", request_body(args.max_tokens), concurrency=args.concurrency,
                                 requests=args.requests, watch=watch, tree=False, warmup=1, timeout_s=600))
     ok = [r for r in load.results if r.ok]
@@ -70,6 +100,10 @@ def _measure(target: str, round_: int, url: str, args: argparse.Namespace, route
     }
     if router_pid:
         row["router_cpu_ms_per_request"] = round(load.cpu_s["router"] * 1000 / args.requests, 2)
+    if tokens:
+        for kind in ("serving", "engine"):
+            cpu_s = sum(seconds for name, seconds in load.cpu_s.items() if name.startswith(kind + " "))
+            row[f"{kind}_cpu_ms_per_token"] = round(cpu_s * 1000 / tokens, 3)
     print(report.table([row], COLUMNS), flush=True)
     return row
 
@@ -84,17 +118,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         path = write_config(config, tmp)
         # Both engines run at once (an idle one costs no CPU) so that each round measures every target
         # back to back, under the same conditions on a shared machine.
-        with vllm_server(path, log) as vllm_url, local_stack(path, log) as stack, \
+        with vllm_server(path, log) as (vllm_url, vllm_pid), local_stack(path, log) as stack, \
                 openweight(config, config["router"]["port"], tmp, log) as router:
             router_url = f"http://127.0.0.1:{config['router']['port']}/v1"
-            targets = [("vllm", vllm_url, None), ("router", router_url, router.pid),
-                       ("serve", config["cluster"]["url"], None)]
+            targets = [("vllm", vllm_url), ("router", router_url), ("serve", config["cluster"]["url"])]
             if stack.proxy_url != config["cluster"]["url"]:
-                targets.append(("proxy", stack.proxy_url, None))
+                targets.append(("proxy", stack.proxy_url))
             for round_ in range(1, args.rounds + 1):
                 shift = (round_ - 1) % len(targets)
-                for target, url, pid in targets[shift:] + targets[:shift]:
-                    result["rows"].append(_measure(target, round_, url, args, pid))
+                for target, url in targets[shift:] + targets[:shift]:
+                    serving, engine = processes(vllm_pid, router.pid)[target]
+                    result["rows"].append(_measure(target, round_, url, args, serving, engine,
+                                                   router.pid if target == "router" else None))
     result["summary"] = summary(result["rows"])
     result["failed"] = any(row["errors"] for row in result["rows"])
     text = report.table(result["rows"], COLUMNS) + "\n\n" + "\n".join(result["summary"])
@@ -118,21 +153,28 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
         if ttft is not None and base_ttft:
             line += f"; TTFT p50 {ttft:.0f} ms vs {base_ttft:.0f} ms"
         lines.append(line)
+    for target in ("vllm", "serve", "proxy", "router"):
+        serving = _mean(rows, target, "serving_cpu_ms_per_token")
+        engine = _mean(rows, target, "engine_cpu_ms_per_token")
+        if serving is not None and engine is not None:
+            lines.append(f"{target}: CPU per output token: serving processes {serving:.2f} ms, engine {engine:.1f} ms")
     return lines
 
 
 def chart(result: dict[str, Any]) -> Any:
     rows = result["rows"]
-    fig, (tps_ax, ttft_ax) = report.figure(2, f"openweight bench e2e - {MODEL} on CPU ({result['date'][:10]}, "
-                                              f"concurrency {result['settings']['concurrency']})", width=4.6)
+    fig, axes = report.figure(3, f"openweight bench e2e - {MODEL} on CPU ({result['date'][:10]}, "
+                                 f"concurrency {result['settings']['concurrency']})", width=4.6)
     targets = [t for t in ("vllm", "serve", "proxy", "router") if any(r["target"] == t for r in rows)]
     names = {"vllm": "vLLM server", "serve": "Ray Serve", "proxy": "Serve\nvia proxy", "router": "router\n-> Serve"}
     palette = {"vllm": "tab:gray", "serve": "tab:orange", "proxy": "tab:brown", "router": "tab:blue"}
     labels, colors = [names[t] for t in targets], [palette[t] for t in targets]
-    for ax, key, title in ((tps_ax, "tokens_per_s", "output tokens/s"), (ttft_ax, "ttft_p50_ms", "TTFT p50, ms")):
+    panels = (("tokens_per_s", "output tokens/s", "%.0f"), ("ttft_p50_ms", "TTFT p50, ms", "%.0f"),
+              ("serving_cpu_ms_per_token", "CPU ms per token outside the engine", "%.2f"))
+    for ax, (key, title, fmt) in zip(axes, panels, strict=True):
         means = [_mean(rows, t, key) or 0.0 for t in targets]
         bars = ax.bar(labels, means, color=colors)
-        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        ax.bar_label(bars, fmt=fmt, fontsize=8)
         for i, target in enumerate(targets):
             points = [r[key] for r in rows if r["target"] == target]
             ax.plot([i] * len(points), points, "k.", markersize=4)

@@ -96,14 +96,15 @@ def vllm_argv(model_id: str, folder: str, engine_kwargs: dict[str, Any], port: i
 
 
 @contextlib.contextmanager
-def vllm_server(path: Path, log: IO[bytes]) -> Iterator[str]:
-    """vLLM's OpenAI server for the config's model on a free port; yields its base URL (with /v1)."""
+def vllm_server(path: Path, log: IO[bytes]) -> Iterator[tuple[str, int]]:
+    """vLLM's OpenAI server for the config's model on a free port; yields its base URL (with /v1) and
+    the process id of its API server (the engine runs in processes below it)."""
     model_id, folder, engine_kwargs, engine_env = engine_setup(path)
     port = free_port()
     env = {**os.environ, **engine_env}
     with service("vLLM server", vllm_argv(model_id, folder, engine_kwargs, port), f"http://127.0.0.1:{port}/v1/models",
-                 log, env=env, ready_timeout_s=600):
-        yield f"http://127.0.0.1:{port}/v1"
+                 log, env=env, ready_timeout_s=600) as process:
+        yield f"http://127.0.0.1:{port}/v1", process.pid
 
 
 def _cmdline(pid: int) -> str:
@@ -121,6 +122,23 @@ def engine_processes(root: int | None = None) -> list[int]:
     """
     return [pid for pid in descendants(root or os.getpid()) if _cmdline(pid).startswith(("VLLM::EngineCore",
                                                                                           "VLLM::Worker"))]
+
+
+def serve_processes(root: int | None = None) -> dict[str, list[int]]:
+    """The Ray Serve processes below ``root`` (default: this process, which started the local Ray), by
+    role: ``ingress`` (the OpenAI ingress replica), ``llm_server`` (the replica that runs vLLM's
+    front end: tokenizing, detokenizing, the OpenAI answers) and ``proxy`` (Serve's HTTP proxy)."""
+    roles: dict[str, list[int]] = {"ingress": [], "llm_server": [], "proxy": []}
+    for pid in descendants(root or os.getpid()):
+        name = _cmdline(pid).split(" ", 1)[0]  # Ray names an actor's process after it
+        if name.startswith("ray::ServeReplica:"):
+            if "OpenAiIngress" in name:
+                roles["ingress"].append(pid)
+            elif "LLMServer" in name:
+                roles["llm_server"].append(pid)
+        elif name.startswith("ray::ProxyActor"):
+            roles["proxy"].append(pid)
+    return roles
 
 
 def kill_engine(root: int | None = None) -> list[int]:
