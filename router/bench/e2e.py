@@ -28,6 +28,8 @@ import json
 import statistics
 from typing import Any
 
+import yaml
+
 from router.bench import report
 from router.bench.harness import percentile, run_load, workspace
 from router.bench.report import Column
@@ -59,6 +61,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=32, help="requests per target and round")
     parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per answer")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (the targets take turns in each)")
+    parser.add_argument("--engine-arg", dest="engine_args", type=engine_arg, action="append", default=[],
+                        metavar="KEY=VALUE", help="a vLLM engine argument for both engines, vLLM's own server and the "
+                        "stack's replica (repeatable; the value is read as YAML), e.g. stream_interval=4")
+
+
+def engine_arg(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` from the command line: (key, the value read as YAML)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise argparse.ArgumentTypeError(f"{key}: the value is not valid YAML ({exc})") from None
 
 
 def request_body(max_tokens: int) -> bytes:
@@ -110,11 +126,12 @@ def _measure(target: str, round_: int, url: str, args: argparse.Namespace, servi
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """vLLM's own server, the stack and the router, in turns; prints, writes JSON and the chart."""
+    engine_args = dict(args.engine_args)
     settings = {"concurrency": args.concurrency, "requests": args.requests, "max_tokens": args.max_tokens,
-                "rounds": args.rounds, "prompt": PROMPT, "model": MODEL}
+                "rounds": args.rounds, "prompt": PROMPT, "model": MODEL, "engine_args": engine_args}
     result = report.new_report("e2e", settings)
     with workspace() as (tmp, log):
-        config = stack_config()
+        config = stack_config(serve={"engine_args": engine_args} if engine_args else None)
         path = write_config(config, tmp)
         # Both engines run at once (an idle one costs no CPU) so that each round measures every target
         # back to back, under the same conditions on a shared machine.
@@ -163,8 +180,9 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
 
 def chart(result: dict[str, Any]) -> Any:
     rows = result["rows"]
+    engine = "".join(f", {k}={v}" for k, v in result["settings"].get("engine_args", {}).items())
     fig, axes = report.figure(3, f"openweight bench e2e - {MODEL} on CPU ({result['date'][:10]}, "
-                                 f"concurrency {result['settings']['concurrency']})", width=4.6)
+                                 f"concurrency {result['settings']['concurrency']}{engine})", width=4.6)
     targets = [t for t in ("vllm", "serve", "proxy", "router") if any(r["target"] == t for r in rows)]
     names = {"vllm": "vLLM server", "serve": "Ray Serve", "proxy": "Serve\nvia proxy", "router": "router\n-> Serve"}
     palette = {"vllm": "tab:gray", "serve": "tab:orange", "proxy": "tab:brown", "router": "tab:blue"}

@@ -74,6 +74,9 @@ def test_builtin_cpu_model_gets_cpu_engine_defaults_which_engine_args_override()
     kwargs = spec.engine_kwargs
     assert kwargs["dtype"] == "float32" and kwargs["enforce_eager"] is True
     assert kwargs["max_model_len"] == 2048 and kwargs["max_num_seqs"] == 4
+    assert kwargs["stream_interval"] == 4
+    assert ServeSpec(source="builtin:smollm2-135m-instruct", accelerator="cpu",
+                     engine_args={"stream_interval": 1}).engine_kwargs["stream_interval"] == 1
     env = spec.engine_env
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["HF_HUB_OFFLINE"] == "1"
     assert env["VLLM_NO_USAGE_STATS"] == "1"
