@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from router.bench.e2e import engine_arg
 from router.bench.harness import descendants, percentile, stop_group
 from router.bench.report import Column, table
 from router.bench.stack import engine_processes, serve_processes
@@ -123,3 +124,13 @@ def test_every_suite_has_a_command(suite: str, capsys: pytest.CaptureFixture[str
         main(["bench", suite, "--help"])
     assert exit_.value.code == 0
     assert "--out" in capsys.readouterr().out
+
+
+def test_e2e_engine_args_are_key_value_pairs_with_yaml_values(capsys: pytest.CaptureFixture[str]) -> None:
+    assert engine_arg("stream_interval=4") == ("stream_interval", 4)
+    assert engine_arg("enforce_eager=false") == ("enforce_eager", False)
+    assert engine_arg("kv_cache_dtype=auto") == ("kv_cache_dtype", "auto")
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "e2e", "--engine-arg", "stream_interval"])
+    assert exit_.value.code == 2
+    assert "expected KEY=VALUE, got 'stream_interval'" in capsys.readouterr().err
