@@ -72,11 +72,17 @@ class KeyStore:
                 raise ConfigError(f"router.auth.keys_file: {config.keys_file} is not valid YAML") from None
             except ValidationError as exc:
                 where = "; ".join(
-                    f"router.auth.keys_file[{'.'.join(map(str, e['loc']))}]: {e['msg']}" for e in exc.errors()
+                    f"router.auth.keys_file[{'.'.join(map(str, e['loc']))}]: {e['msg'].removeprefix('Value error, ')}"
+                    for e in exc.errors()
                 )
                 raise ConfigError(where) from None
         env_keys = [k.strip() for k in os.environ.get(config.keys_env, "").split(",") if k.strip()]
-        keys.extend(ApiKey(name=f"{config.keys_env}[{i}]", key=k) for i, k in enumerate(env_keys))
+        for i, k in enumerate(env_keys):
+            try:
+                keys.append(ApiKey(name=f"{config.keys_env}[{i}]", key=k))
+            except ValidationError as exc:
+                problem = exc.errors()[0]["msg"].removeprefix("Value error, ")
+                raise ConfigError(f"{config.keys_env}[{i}]: {problem}") from None
         return cls(keys)
 
     @property

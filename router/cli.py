@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from importlib import import_module
@@ -53,7 +54,8 @@ def serve_router(settings: Settings) -> None:
         access_log=False,
         server_header=False,
         proxy_headers=False,
-        timeout_graceful_shutdown=int(settings.router.shutdown_grace_s),
+        timeout_graceful_shutdown=math.ceil(settings.router.shutdown_grace_s),  # whole seconds, at least the grace
+        ws="none",  # no WebSocket route exists: an Upgrade request is served as plain HTTP
         timeout_keep_alive=30,
         log_level="info",
     )

@@ -9,6 +9,8 @@ faster than backing off.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -29,8 +31,10 @@ from router.upstreams.base import Upstream, UpstreamRequest, UpstreamResponse
 
 def outcome_of(status: int) -> str:
     """The attempt outcome of an upstream HTTP status; only `success`/`client_error` commit."""
-    if status < 400:
+    if status < 300:
         return "success"
+    if status < 400:
+        return "server_error"  # an OpenAI-compatible API never redirects: a wrong URL, or not the API
     if status in (401, 403):
         return "auth_error"  # our credentials at that upstream, not the client's mistake
     if status == 408:
@@ -40,6 +44,10 @@ def outcome_of(status: int) -> str:
     if status >= 500:
         return "server_error"
     return "client_error"
+
+
+_NEVER_S = 366 * 86400.0
+"""A Retry-After this far off (or not finite) is not a usable hint and is ignored."""
 
 
 def retry_after_s(headers: Mapping[str, str], now: Callable[[], float] = time.time) -> float | None:
@@ -56,8 +64,8 @@ def retry_after_s(headers: Mapping[str, str], now: Callable[[], float] = time.ti
             return None
         if when.tzinfo is None:  # RFC 9110 dates are GMT
             when = when.replace(tzinfo=UTC)
-        return max(0.0, when.timestamp() - now())
-    return seconds if seconds >= 0 else None
+        return min(max(0.0, when.timestamp() - now()), _NEVER_S)
+    return seconds if 0 <= seconds < _NEVER_S else None  # also refuses nan and inf
 
 
 class _Failed(Exception):
@@ -148,7 +156,9 @@ class Dispatcher:
             return Committed(step, response, attempts, self._in_flight(request.model, step))
         for from_upstream, reason in pending:
             observer.fallback(from_upstream, NONE, reason)
-        headers = {"retry-after": str(max(1, round(retry_hint)))} if retry_hint is not None else None
+        headers = {"x-openweight-upstream": NONE, "x-openweight-attempts": str(attempts)}
+        if retry_hint is not None:
+            headers["retry-after"] = str(max(1, math.ceil(retry_hint)))
         reasons = "; ".join(failures) or "no upstream is configured and active"
         raise UpstreamUnavailable(f"no upstream could serve model {request.model!r} ({reasons})", headers=headers)
 
@@ -210,6 +220,14 @@ class Dispatcher:
         self, target: Target, request: UpstreamRequest, observer: RequestObserver, deadline: float
     ) -> UpstreamResponse:
         name = target.upstream
+        wait = self._health.deferred_for(name)
+        if wait > 0:
+            # It asked for time (Retry-After) and is the last one left: wait for it, or not at all.
+            if wait > self._retry.max_retry_after_s or self._clock() + wait >= deadline:
+                failed = _Failed("overloaded", f"overloaded (Retry-After {math.ceil(wait)} s)", wait)
+                failed.attempts = 0
+                raise failed
+            await asyncio.sleep(wait)
         if not self._health.acquire(name):
             observer.attempt(name, "circuit_open")
             raise _Failed("circuit_open", "circuit open")

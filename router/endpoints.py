@@ -14,15 +14,17 @@ from router import policy
 from router.auth import KeyStore, RateLimiter
 from router.dispatch import Dispatcher
 from router.errors import (
+    ClientDisconnected,
     ClientError,
     ModelNotFound,
     OpenWeightError,
     PayloadTooLarge,
+    ServiceShuttingDown,
     UnsupportedMediaType,
 )
 from router.health import Health
 from router.metrics import NONE, Metrics, RequestObserver
-from router.relay import relay
+from router.relay import SHUTDOWN_MESSAGE, relay
 from router.schemas import Endpoint, ParsedRequest, parse_request
 from router.settings import Settings
 
@@ -61,7 +63,7 @@ class Request:
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
-                raise asyncio.CancelledError  # nobody is left to answer
+                raise ClientDisconnected("the client closed the connection while sending its request")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -134,7 +136,7 @@ class Endpoints:
             status = error.status
             if observer is None and isinstance(error, ClientError):
                 observer = self.metrics.observe(NONE)
-            if not request.started_response:
+            if not request.started_response and not isinstance(error, ClientDisconnected):
                 await request.respond_error(error)
         finally:
             if observer is not None:
@@ -163,12 +165,8 @@ class Endpoints:
         try:
             committed = await self.dispatcher.dispatch(parsed, plan, request.request_id, observer)
             observer.upstream = committed.target.upstream
-            request.started_response = True
             try:
-                status = await relay(
-                    request.send, committed, observer, request.request_id,
-                    strip_usage=parsed.stream and not parsed.wants_usage,
-                )
+                status = await relay(request, committed, observer, strip_usage=parsed.stream and not parsed.wants_usage)
                 serving = False
                 return status
             finally:
@@ -178,7 +176,15 @@ class Endpoints:
             if gone:
                 task.uncancel()
                 return CLIENT_CLOSED
-            raise
+            # Cancelled by the server: its shutdown grace ran out. A started stream already ended
+            # with an error event (relay); otherwise the client learns why in a 503.
+            if request.started_response:
+                status = committed.response.status
+            else:
+                await request.respond_error(ServiceShuttingDown(SHUTDOWN_MESSAGE))
+                status = ServiceShuttingDown.status
+            task.uncancel()
+            return status
         finally:
             serving = False
             watcher.cancel()

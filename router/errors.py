@@ -11,6 +11,7 @@ OpenWeightError                     500 internal_error
 │   ├── MethodNotAllowed            405
 │   ├── PayloadTooLarge             413
 │   ├── UnsupportedMediaType        415
+│   ├── ClientDisconnected          499 (recorded, never sent: the client left mid-request)
 │   └── RateLimited                 429 rate_limit_error (Retry-After)
 └── UpstreamError                   an attempt at one upstream failed; the dispatcher may fall back
     ├── UpstreamConnectError        502 connection refused / reset / DNS
@@ -90,6 +91,13 @@ class PayloadTooLarge(ClientError):
 class UnsupportedMediaType(ClientError):
     status = 415
     code = "unsupported_media_type"
+
+
+class ClientDisconnected(ClientError):
+    """The client went away before its request was read; nothing can be answered."""
+
+    status = 499
+    code = "client_closed_request"
 
 
 class RateLimited(ClientError):

@@ -175,6 +175,10 @@ class Health:
     def defer(self, name: str, seconds: float) -> None:
         self.breakers[name].defer(seconds)
 
+    def deferred_for(self, name: str) -> float:
+        """Seconds until the upstream's Retry-After has passed (0 when it asked for none)."""
+        return max(0.0, self.breakers[name].deferred_until - self.clock())
+
     def _changed(self, name: str) -> None:
         b = self.breakers[name]
         self._reported[name] = state = b.state

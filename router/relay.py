@@ -8,10 +8,12 @@ OpenAI-style error event followed by `data: [DONE]`, never silently truncated.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from router.dispatch import Committed
 from router.errors import UpstreamError
@@ -19,9 +21,20 @@ from router.metrics import RequestObserver
 
 log = logging.getLogger("openweight.router")
 
-Send = Any  # the ASGI `send` callable
+class Responder(Protocol):
+    """Where the answer goes: the ASGI `send` of one request, and whether a response has started."""
+
+    started_response: bool
+
+    @property
+    def send(self) -> Callable[[dict[str, Any]], Awaitable[None]]: ...
+
+    @property
+    def request_id(self) -> str: ...
 
 _DONE = b"[DONE]"
+_DONE_EVENT = re.compile(rb"(?:^|\n)data: ?\[DONE\]")
+"""The end of the stream: an event of its own, not those bytes inside a chunk's text."""
 _EVENT_END = b"\n\n"
 
 
@@ -72,7 +85,7 @@ class SseTracker:
             complete, self._pending = data, b""
         else:
             complete, self._pending = data[:end], data[end:]
-        if _DONE in complete:
+        if _DONE in complete and _DONE_EVENT.search(complete):
             self.done = True
         if _has_usage(complete):
             complete = self._take_usage(complete)
@@ -95,6 +108,9 @@ class SseTracker:
         return b"".join(kept)
 
 
+SHUTDOWN_MESSAGE = "the router is shutting down and its grace period for this request ran out"
+
+
 def error_event(message: str) -> bytes:
     """An in-band OpenAI-style error, then the end of the stream."""
     error = {"message": message, "type": "upstream_error", "param": None, "code": "stream_interrupted"}
@@ -114,10 +130,13 @@ def response_headers(committed: Committed, request_id: str) -> list[tuple[bytes,
     return headers
 
 
-async def relay(
-    send: Send, committed: Committed, observer: RequestObserver, request_id: str, *, strip_usage: bool
-) -> int:
-    """Send the committed answer to the client; returns the status sent."""
+async def relay(client: Responder, committed: Committed, observer: RequestObserver, *, strip_usage: bool) -> int:
+    """Send the committed answer to the client; returns the status sent.
+
+    A non-streamed answer is read whole before anything is sent, so an upstream that breaks while
+    sending it raises :class:`UpstreamError` with no response started (the client gets a 502 JSON).
+    """
+    send, request_id = client.send, client.request_id
     response = committed.response
     headers = response_headers(committed, request_id)
     event_stream = response.status < 300 and response.headers.get("content-type", "").startswith(
@@ -133,12 +152,14 @@ async def relay(
             if usage is not None:
                 observer.usage(*usage)
         headers.append((b"content-length", str(len(body)).encode()))
+        client.started_response = True
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
         observer.first_byte()
         await send({"type": "http.response.body", "body": body})
         return response.status
 
     headers.append((b"cache-control", b"no-cache"))
+    client.started_response = True
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     tracker = SseTracker(strip_usage)
     failure: str | None = None
@@ -154,6 +175,11 @@ async def relay(
                 await send({"type": "http.response.body", "body": out, "more_body": True})
     except UpstreamError as exc:
         failure = f"the upstream stream broke: {exc.message}"
+    except asyncio.CancelledError:
+        # The client left (then this send does nothing) or the router's shutdown grace ran out:
+        # either way the stream ends as a stream, not as a cut connection.
+        await send({"type": "http.response.body", "body": error_event(SHUTDOWN_MESSAGE), "more_body": False})
+        raise
     if failure is None and not tracker.done:
         failure = f"{committed.target.upstream}: the upstream stream ended without [DONE]"
     if tracker.usage is not None:

@@ -108,6 +108,8 @@ def _scan_object(text: str) -> tuple[dict[str, Any], Spans] | None:
             if text[at] in _WHITESPACE:
                 at = at + 1 if text[at + 1] not in _WHITESPACE else space(text, at).end()  # type: ignore[union-attr]
             if text[at] != '"':
+                if spans:
+                    return None  # a comma with no member after it
                 break  # `}` of an empty object, or an error
             key, at = scan_key(text, at + 1)
             if text[at] in _WHITESPACE:
@@ -125,9 +127,9 @@ def _scan_object(text: str) -> tuple[dict[str, Any], Spans] | None:
             if text[at] != ",":
                 break
             at += 1
-        if text[at] != "}" or (spans and text[at - 1] == ",") or text[at + 1 :].strip(_WHITESPACE):
+        if text[at] != "}" or text[at + 1 :].strip(_WHITESPACE):
             return None
-    except (ValueError, IndexError, StopIteration):
+    except (ValueError, IndexError, StopIteration, RecursionError):
         return None
     return data, spans
 
@@ -149,6 +151,8 @@ def parse_request(endpoint: Endpoint, body: bytes) -> ParsedRequest:
             data = json.loads(text)
         except ValueError as exc:
             raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidRequest("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
     model = data.get("model")

@@ -110,7 +110,9 @@ class ProviderConfig(UpstreamConfig):
     headers: dict[str, str] = Field(default_factory=dict, description="Extra headers sent to this provider.")
 
     def api_key(self) -> str | None:
-        return os.environ.get(self.api_key_env) if self.api_key_env else None
+        """The key from `api_key_env`, blank ends removed (keys mounted from files end with a newline)."""
+        key = os.environ.get(self.api_key_env, "").strip() if self.api_key_env else ""
+        return key or None
 
     @property
     def active(self) -> bool:
@@ -180,6 +182,8 @@ class ApiKey(_Strict):
             len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256.lower())
         ):
             raise ValueError("`sha256` must be 64 hex digits")
+        if self.key is not None and not (self.key.isascii() and self.key.isprintable() and self.key.strip()):
+            raise ValueError("`key` must be printable ASCII with no blank ends (an HTTP header carries it)")
         return self
 
 

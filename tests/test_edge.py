@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 
 from router.auth import KeyStore
 from router.cli import is_loopback
-from router.settings import ApiKey, RateLimit
+from router.settings import ApiKey, ConfigError, RateLimit
 from router.testing import FakeUpstream
 from tests.conftest import MODEL, RouterServer, chat, make_settings
 
@@ -88,6 +90,13 @@ def test_keys_from_env_and_file(tmp_path, monkeypatch):
     keys_file.write_text("- name: svc\n  sha256: nothex\n")
     with pytest.raises(Exception, match=r"router.auth.keys_file\[0\]"):
         KeyStore.from_config(AuthConfig(keys_file=keys_file, keys_env="OW_KEYS"))
+    keys_file.write_text("- name: svc\n  key: sk-\u00fcn\u00ef\n")  # a header could never carry it
+    with pytest.raises(ConfigError, match=r"keys_file\[0\]: .*printable ASCII"):
+        KeyStore.from_config(AuthConfig(keys_file=keys_file, keys_env="OW_KEYS"))
+    keys_file.unlink()
+    monkeypatch.setenv("OW_KEYS", "fine, caf\u00e9")
+    with pytest.raises(ConfigError, match=r"OW_KEYS\[1\]: .*printable ASCII"):
+        KeyStore.from_config(AuthConfig(keys_env="OW_KEYS"))
 
 
 def test_open_router_refuses_a_non_loopback_address_without_keys(tmp_path):
@@ -126,6 +135,11 @@ def test_bad_bodies(open_router):
     assert "UTF-8" in str(_error(post(b'{"model": "\xff"}', headers=json_type), 400)["message"])
     _error(post(b"", headers=json_type), 400)
     _error(post(b"[1, 2]", headers=json_type), 400)
+    for trailing_comma in (b'{"model": "m1",}', b'{"model": "m1", }', b'{"model": "m1",\n}'):
+        assert "not valid JSON" in str(_error(post(trailing_comma, headers=json_type), 400)["message"])
+    assert "nested too deeply" in str(_error(post(b"[" * 1000 + b"]" * 1000, headers=json_type), 400)["message"])
+    nested = b'{"model": "m1", "x": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    assert "nested too deeply" in str(_error(post(nested, headers=json_type), 400)["message"])
     assert _error(post(b'{"messages": []}', headers=json_type), 400)["param"] == "model"
     assert _error(post(b'{"model": 5}', headers=json_type), 400)["param"] == "model"
     assert _error(post(b'{"model": "m1", "stream": "yes"}', headers=json_type), 400)["param"] == "stream"
@@ -183,3 +197,56 @@ def test_generated_bodies_never_get_a_server_error():
                 assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
         check()
+
+
+def test_a_client_that_leaves_while_sending_its_body_is_counted_as_gone(open_router):
+    client, cluster = open_router
+    port = int(str(client.base_url).rsplit(":", 1)[1].rstrip("/"))
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                    b"content-length: 100\r\n\r\n{\"model\":")
+        time.sleep(0.2)
+    deadline = time.monotonic() + 5
+    metric = {"upstream": "none", "status": "499"}
+    while client.get("/metrics").text.count('status="499"') == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any(line.startswith("openweight_requests_total") and all(f'{k}="{v}"' in line for k, v in metric.items())
+               for line in client.get("/metrics").text.splitlines())
+    assert cluster.requests == []
+
+
+class _Truncating:
+    """An upstream that answers 200 with a Content-Length it never fills, then hangs up."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/v1"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n"
+                             b'{"id": "chatcmpl-1", "choices": [')
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def test_a_non_streamed_answer_cut_short_is_a_502_error_not_a_500():
+    upstream = _Truncating()
+    try:
+        with RouterServer(make_settings(upstream.url)) as router, router.client() as client:
+            r = client.post("/v1/chat/completions", json=chat())
+            error = _error(r, 502)
+            assert error["code"] == "upstream_protocol_error"
+            assert r.headers["x-request-id"]
+            assert router.metric("openweight_requests_total", upstream="cluster", status="502") == 1
+    finally:
+        upstream.close()

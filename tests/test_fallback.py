@@ -24,6 +24,7 @@ def test_cluster_serves_first_and_gets_the_request_untouched(fakes):
     assert sent.body == body
     assert sent.headers["x-request-id"] == "req-42"
     assert float(sent.headers["x-request-timeout-seconds"]) > 0
+    assert "accept-encoding" not in sent.headers  # answers come back as bytes that relay event by event
     assert prov.requests == []
 
 
@@ -38,7 +39,7 @@ def test_an_upstream_s_cookies_never_go_out_with_later_requests(fakes):
 
 
 def test_provider_gets_its_own_model_id_and_key(fakes, monkeypatch):
-    monkeypatch.setenv("PROV_KEY", "sk-provider-secret")
+    monkeypatch.setenv("PROV_KEY", "sk-provider-secret\n")  # as a key mounted from a file reads
     cluster, prov = fakes("cluster", default=Behavior(status=500)), fakes("prov")
     settings = make_settings(cluster, {"prov": prov})
     providers = {"prov": settings.providers["prov"].model_copy(update={"api_key_env": "PROV_KEY"})}
@@ -60,8 +61,9 @@ def test_provider_gets_its_own_model_id_and_key(fakes, monkeypatch):
         (Behavior(status=429, headers={"retry-after": "1"}), "overloaded"),
         (Behavior(hang=True), "timeout"),
         (Behavior(delay_before_headers_s=5), "timeout"),
+        (Behavior(status=301, headers={"location": "https://elsewhere.example/v1"}), "server_error"),
     ],
-    ids=["500", "502", "503", "408", "429", "hang", "slow-headers"],
+    ids=["500", "502", "503", "408", "429", "hang", "slow-headers", "redirect"],
 )
 def test_each_trigger_falls_back_to_the_provider(fakes, behavior, reason):
     cluster, prov = fakes("cluster", default=behavior), fakes("prov")
@@ -126,6 +128,18 @@ def test_upstream_auth_failure_is_ours_not_the_clients(fakes):
     assert b"sk-prov" not in r.content
 
 
+def test_a_provider_error_that_echoes_its_key_is_relayed_without_it(fakes, monkeypatch):
+    monkeypatch.setenv("PROV_KEY", "sk-provider-secret")
+    echo = b'{"error": {"message": "bad request for key Bearer sk-provider-secret", "type": "invalid_request_error"}}'
+    prov = fakes("prov", default=Behavior(status=400, body=echo))
+    settings = make_settings(None, {"prov": prov}, policy="provider_only")
+    providers = {"prov": settings.providers["prov"].model_copy(update={"api_key_env": "PROV_KEY"})}
+    with RouterServer(settings.model_copy(update={"providers": providers})) as router, router.client() as c:
+        r = c.post("/v1/chat/completions", json=chat())
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "bad request for key Bearer <redacted>"
+
+
 def test_every_upstream_failing_gives_one_openai_error(fakes):
     cluster = fakes("cluster", default=Behavior(status=500))
     prov = fakes("prov", default=Behavior(status=429, headers={"retry-after": "30"}))
@@ -137,6 +151,8 @@ def test_every_upstream_failing_gives_one_openai_error(fakes):
         assert "cluster: server error (500)" in error["message"]
         assert "prov: overloaded (429)" in error["message"]
         assert r.headers["retry-after"] == "30"
+        assert r.headers["x-openweight-upstream"] == "none"
+        assert r.headers["x-openweight-attempts"] == str(len(cluster.requests) + len(prov.requests))
         assert router.metric("openweight_requests_total", model=MODEL, upstream="none", status="503") == 1
         assert router.metric("openweight_fallbacks_total", from_upstream="prov", to_upstream="none") == 1
 
@@ -174,8 +190,12 @@ def test_retry_after_beyond_the_limit_is_not_waited_for(fakes):
     settings = make_settings(cluster, policy="self_hosted_only")
     with RouterServer(settings) as router, router.client() as client:
         r = client.post("/v1/chat/completions", json=chat())
-    assert r.status_code == 503
-    assert r.headers["retry-after"] == "60"
+        assert r.status_code == 503
+        assert r.headers["retry-after"] == "60"
+        again = client.post("/v1/chat/completions", json=chat())  # it asked for a minute: no request
+        assert again.status_code == 503
+        assert 58 <= int(again.headers["retry-after"]) <= 60
+        assert again.headers["x-openweight-attempts"] == "0"
     assert len(cluster.requests) == 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -150,3 +151,35 @@ def test_check_config_names_the_bad_key(tmp_path):
                           capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     assert good.returncode == 0, good.stderr
     assert "TOGETHER_API_KEY" in good.stdout
+
+
+def test_sigterm_past_the_grace_period_ends_streams_with_an_error_event(tmp_path):
+    slow = Behavior(chunks=20, chunk_delay_s=0.5)
+    with FakeUpstream("cluster", default=slow) as cluster, FakeUpstream("prov") as prov:
+        config = write_config(tmp_path / "c.yaml", cluster.url, prov.url, shutdown_grace_s=1.5)
+        router = RouterProcess(config)
+        with httpx.Client(base_url=router.url, timeout=20) as client, client.stream(
+            "POST", "/v1/chat/completions", json=chat(stream=True)
+        ) as r:
+            lines = r.iter_lines()
+            next(line for line in lines if line.startswith("data: "))
+            router.proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]"
+        error = json.loads(rest[-2].removeprefix("data: "))["error"]
+        assert "shutting down" in error["message"] and error["code"] == "stream_interrupted"
+        assert 2 <= len(rest) < 20  # some tokens made it within the grace, not all of them
+        assert router.proc.wait(10) in (0, -signal.SIGTERM)
+
+
+def test_a_websocket_upgrade_is_served_as_plain_http(tmp_path):
+    with FakeUpstream("cluster") as cluster, FakeUpstream("prov") as prov:
+        router = RouterProcess(write_config(tmp_path / "c.yaml", cluster.url, prov.url))
+        try:
+            upgrade = {"connection": "Upgrade", "upgrade": "websocket", "sec-websocket-version": "13",
+                       "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ=="}
+            r = httpx.get(router.url + "/v1/models", headers=upgrade)
+        finally:
+            router.stop()
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["id"] == MODEL

@@ -160,7 +160,7 @@ def test_retry_after_in_seconds_or_as_an_http_date():
     assert retry_after_s({"retry-after": "2.5"}, now) == 2.5
     assert retry_after_s({"retry-after": "Sun, 09 Sep 2001 01:47:10 GMT"}, now) == 30
     assert retry_after_s({"retry-after": "Sun, 09 Sep 2001 01:46:00 GMT"}, now) == 0  # already past
-    for bad in ("-1", "soon", ""):
+    for bad in ("-1", "soon", "", "inf", "nan", "1e400", "1e12"):
         assert retry_after_s({"retry-after": bad}, now) is None
     assert retry_after_s({}, now) is None
 
@@ -178,6 +178,10 @@ def test_sse_tracker_reassembles_events_and_takes_usage():
         assert tracker.usage == (3, 2) and tracker.done
     kept = SseTracker(strip_usage=False)
     assert b'"prompt_tokens": 3' in kept.feed(stream)
+    quoting = SseTracker(strip_usage=False)
+    quoting.feed(b'data: {"choices": [{"delta": {"content": "streams end with data: [DONE]"}}]}\n\n')
+    assert not quoting.done
+    assert quoting.feed(b"data:[DONE]\n\n") and quoting.done  # the space after `data:` is optional
 
 
 def test_parse_request_rewrites_only_the_model_and_usage_option():

@@ -142,7 +142,7 @@ class AiohttpFloorProxy(FloorProxy):
             self.session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=100, limit_per_host=0, keepalive_timeout=30),
                 auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(), trust_env=False,
-                skip_auto_headers=("user-agent",),
+                skip_auto_headers=("user-agent", "accept-encoding"),
             )
         url = self.base + scope["path"]
         async with self.session.request(scope["method"], url, data=body,

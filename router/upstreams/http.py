@@ -16,7 +16,7 @@ from aiohttp.payload import BytesPayload
 from yarl import URL
 
 from router.errors import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
-from router.settings import CLUSTER, ClusterConfig, ProviderConfig, UpstreamConfig
+from router.settings import CLUSTER, ClusterConfig, ConfigError, ProviderConfig, UpstreamConfig
 from router.upstreams.base import UpstreamRequest
 
 
@@ -44,11 +44,12 @@ def map_client_errors(upstream: str) -> Iterator[None]:
 class HttpResponse:
     """A started response, with its first body chunk already read."""
 
-    __slots__ = ("_response", "_upstream", "first_chunk", "headers", "status")
+    __slots__ = ("_response", "_secret", "_upstream", "first_chunk", "headers", "status")
 
-    def __init__(self, upstream: str, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, upstream: str, response: aiohttp.ClientResponse, secret: bytes | None = None) -> None:
         self._upstream = upstream
         self._response = response
+        self._secret = secret
         self.status = response.status
         self.headers = {k.lower(): v for k, v in response.headers.items()}
         self.first_chunk = b""
@@ -66,7 +67,10 @@ class HttpResponse:
 
     async def aread(self) -> bytes:
         with map_client_errors(self._upstream):
-            return self.first_chunk + await self._response.content.read()
+            body = self.first_chunk + await self._response.content.read()
+        if self._secret is not None and self.status >= 400 and self._secret in body:
+            body = body.replace(self._secret, b"<redacted>")  # an error that echoes our own key back
+        return body
 
     async def aclose(self) -> None:
         if self._response.content.at_eof():
@@ -89,10 +93,13 @@ class HttpUpstream:
         *,
         headers: dict[str, str] | None = None,
         request_timeout_s: float | None = None,
+        secret: str | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self._headers = headers or {}
+        self._secret = secret.encode() if secret else None
+        """The provider's key: scrubbed from any error body it sends back."""
         self._request_timeout_s = request_timeout_s
         self._base = config.url + "/"
         self._timeout = aiohttp.ClientTimeout(
@@ -116,7 +123,8 @@ class HttpUpstream:
                 cookie_jar=aiohttp.DummyCookieJar(),
                 # Never read proxy settings or netrc credentials from the environment for upstream calls.
                 trust_env=False,
-                skip_auto_headers=("user-agent",),
+                # No Accept-Encoding: answers arrive as plain bytes that can be relayed event by event.
+                skip_auto_headers=("user-agent", "accept-encoding"),
             )
         return self._session
 
@@ -138,7 +146,7 @@ class HttpUpstream:
                     response = await self._client().request(
                         request.method, url, data=body, headers=headers, allow_redirects=False
                     )
-                started = HttpResponse(self.name, response)
+                started = HttpResponse(self.name, response, self._secret)
                 await started._read_first()
         except TimeoutError:
             if response is not None:
@@ -175,5 +183,9 @@ def provider_upstream(name: str, config: ProviderConfig) -> HttpUpstream:
     headers = dict(config.headers)
     key = config.api_key()
     if key:
+        if not (key.isascii() and key.isprintable()):
+            raise ConfigError(
+                f"providers.{name}.api_key_env: {config.api_key_env} holds characters an HTTP header cannot carry"
+            )
         headers["authorization"] = f"Bearer {key}"
-    return HttpUpstream(name, config, headers=headers)
+    return HttpUpstream(name, config, headers=headers, secret=key)
