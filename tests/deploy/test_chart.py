@@ -7,6 +7,7 @@ Monitoring and Gateway API objects are checked in test_crds.py.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -252,8 +253,15 @@ def test_serve_config_is_what_the_code_builds(rendered: dict[str, list[Doc]], sc
 def test_openweight_check_config_accepts_the_config_map(
     rendered: dict[str, list[Doc]], scenario: str, tmp_path: Path
 ) -> None:
+    config = support.config_of(rendered[scenario])
+    auth = config["router"].get("auth") or {}
+    if auth.get("keys_file"):
+        # The keys file is a Secret mounted at run time; check-config reads it, so stand one in.
+        keys_file = tmp_path / "keys.yaml"
+        keys_file.write_text(yaml.safe_dump([{"name": "ci", "sha256": hashlib.sha256(b"ci").hexdigest()}]))
+        auth["keys_file"] = str(keys_file)
     config_file = tmp_path / "config.yaml"
-    config_file.write_text(yaml.safe_dump(support.config_of(rendered[scenario])))
+    config_file.write_text(yaml.safe_dump(config))
     proc = openweight_cli("check-config", str(config_file))
     assert proc.returncode == 0, proc.stderr
 
@@ -295,7 +303,9 @@ def test_network_policy_keeps_ray_ports_inside_the_release(rendered: dict[str, l
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     ray_selector = policy["spec"]["podSelector"]
     router_selector = support.one(docs, "Deployment")["spec"]["selector"]
-    operator = scenario_values(scenario)["networkPolicy"]["kuberayOperator"]
+    # The operator is admitted in its own namespace only: the dashboard's Jobs API runs code.
+    operator = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ray-system"}},
+                "podSelector": scenario_values(scenario)["networkPolicy"]["kuberayOperator"]["podSelector"]}
     prometheus = scenario_values(scenario)["networkPolicy"]["prometheus"]
     release_only = [[{"podSelector": ray_selector}]]
     assert allowed_sources(policy, 6379, {}) == release_only
@@ -387,6 +397,7 @@ def test_plain_secrets_are_refused(helm: str, args: list[str]) -> None:
     (["--set", "router.httpRoute.enabled=true"], "parentRefs"),
     (["--set", "router.replcas=3"], "replcas"),
     (["--set", "defaultModels=null"], "at least one model"),
+    (["--set", "cluster.serve.routePrefix=/llm/"], "routePrefix"),
     (["--set", "cluster.head.rayStartParams.num-gpus=1", "--set", "cluster.workerGroups[0].name=GPU"], "pattern"),
 ])
 def test_bad_values_fail_at_render_time(helm: str, args: list[str], message: str) -> None:

@@ -55,6 +55,21 @@ def test_example_prometheus_config(promtool: str) -> None:
     assert "SUCCESS" in out.stdout
 
 
+def test_example_prometheus_config_scrapes_the_local_stack() -> None:
+    """The example's targets are the ports of the local stack: the router of deploy/examples/local.yaml
+    and Ray's metrics export port of cluster/stack.py."""
+    from cluster.stack import METRICS_EXPORT_PORT
+
+    example = yaml.safe_load((support.DEPLOY / "prometheus" / "prometheus.example.yml").read_text())
+    targets = {job["job_name"]: [t for c in job["static_configs"] for t in c["targets"]]
+               for job in example["scrape_configs"]}
+    router = yaml.safe_load((support.DEPLOY / "examples" / "local.yaml").read_text())["router"]
+    assert targets == {
+        "openweight-router": [f"{router['host']}:{router['port']}"],
+        "openweight-ray": [f"127.0.0.1:{METRICS_EXPORT_PORT}"],
+    }
+
+
 def all_exprs() -> list[tuple[str, str]]:
     exprs = [(f"rule {name}", expr) for name, expr in support.rule_exprs()]
     for path in support.DASHBOARDS:

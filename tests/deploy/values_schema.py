@@ -134,7 +134,8 @@ def chart_schema() -> Schema:
         "rayVersion": STR,
         "image": IMAGE,
         "imagePullSecrets": LIST,
-        "serve": obj({"applicationName": STR, "routePrefix": {"type": "string", "pattern": "^/"},
+        # Ray Serve refuses a route prefix with a trailing slash (other than "/") or a wildcard.
+        "serve": obj({"applicationName": STR, "routePrefix": {"type": "string", "pattern": "^/([^{}]*[^/{}])?$"},
                       "importPath": {"type": "string", "pattern": "^[\\w.]+:\\w+$"}, "port": PORT}),
         "upgradeStrategy": {"enum": ["NewCluster", "None"]},
         "rayClusterDeletionDelaySeconds": COUNT,
@@ -152,6 +153,8 @@ def chart_schema() -> Schema:
         "securityContext": MAP,
     })
     selector_pair = obj({"namespaceSelector": MAP, "podSelector": MAP})
+    namespace: Schema = {"type": "string", "pattern": "^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$"}
+    operator = obj({"namespace": namespace, "namespaceSelector": MAP, "podSelector": MAP})
     monitor = obj({"enabled": BOOL, "interval": STR, "scrapeTimeout": STR, "labels": STR_MAP})
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -170,7 +173,7 @@ def chart_schema() -> Schema:
             "models": {"type": "object", "additionalProperties": {"$ref": "#/$defs/ModelConfig"}},
             "defaultModels": {"type": "object", "additionalProperties": {"$ref": "#/$defs/ModelConfig"}},
             "networkPolicy": obj({"enabled": BOOL, "router": obj({"from": LIST}),
-                                  "prometheus": selector_pair, "kuberayOperator": selector_pair}),
+                                  "prometheus": selector_pair, "kuberayOperator": operator}),
             "monitoring": obj({
                 "serviceMonitor": monitor,
                 "podMonitor": monitor,

@@ -80,6 +80,19 @@ matchExpressions:
     values: [ray-head, ray-worker]
 {{- end -}}
 
+{{/* The NetworkPolicy peer of the KubeRay operator: its pods in `namespaceSelector` when set,
+     else in `namespace`, else in the release's namespace (a peer without a namespaceSelector). */}}
+{{- define "openweight.kuberayOperator.peer" -}}
+{{- $op := .Values.networkPolicy.kuberayOperator -}}
+{{- $peer := dict "podSelector" $op.podSelector -}}
+{{- if $op.namespaceSelector -}}
+{{- $_ := set $peer "namespaceSelector" $op.namespaceSelector -}}
+{{- else if $op.namespace -}}
+{{- $_ := set $peer "namespaceSelector" (dict "matchLabels" (dict "kubernetes.io/metadata.name" $op.namespace)) -}}
+{{- end -}}
+{{- toYaml $peer -}}
+{{- end -}}
+
 {{/* Images ---------------------------------------------------------------------------------- */}}
 
 {{- define "openweight.router.image" -}}
@@ -93,10 +106,12 @@ matchExpressions:
 {{/* The config file ------------------------------------------------------------------------- */}}
 
 {{/* The URL the router uses for the cluster: the RayService's serve Service (only pods whose
-     Serve proxy is healthy) when the chart deploys it, else `cluster.url`. */}}
+     Serve proxy is healthy) when the chart deploys it, else `cluster.url`. The OpenAI ingress
+     serves /v1 under the application's route prefix (`/` adds nothing). */}}
 {{- define "openweight.cluster.url" -}}
 {{- if .Values.cluster.enabled -}}
-{{- printf "http://%s-serve-svc.%s.svc:%d/v1" (include "openweight.rayservice.name" .) .Release.Namespace (int .Values.cluster.serve.port) -}}
+{{- $prefix := trimSuffix "/" .Values.cluster.serve.routePrefix -}}
+{{- printf "http://%s-serve-svc.%s.svc:%d%s/v1" (include "openweight.rayservice.name" .) .Release.Namespace (int .Values.cluster.serve.port) $prefix -}}
 {{- else -}}
 {{- .Values.cluster.url -}}
 {{- end -}}
@@ -146,9 +161,11 @@ matchExpressions:
 {{- toYaml $config -}}
 {{- end -}}
 
-{{/* The Ray Serve config (serveConfigV2), as `openweight cluster serve-config` writes it for the
-     same config (cluster/builder.py serve_config): the `serve` block of every hosted model, keyed by
-     the model id the cluster serves (`cluster_model`, else the public name). */}}
+{{/* The Ray Serve config (serveConfigV2): the `serve` block of every hosted model, keyed by the
+     model id the cluster serves (`cluster_model`, else the public name). With the default
+     `cluster.serve` values it is what `openweight cluster serve-config` writes for the same config
+     (cluster/builder.py serve_config, which always writes application `openweight`, route prefix
+     `/` and import path `cluster.builder:app_from_args`). */}}
 {{- define "openweight.serveConfig" -}}
 {{- $blocks := dict -}}
 {{- range $name, $model := (include "openweight.models" . | fromYaml) -}}
@@ -184,6 +201,69 @@ matchExpressions:
 {{- range $header, $_ := ($provider.headers | default dict) -}}
 {{- if regexMatch "(?i)(auth|key|token|secret|cookie)" $header -}}
 {{- fail (printf "providers.%s.headers.%s: credentials are never values (the config file is a ConfigMap); use api_key_env" $name $header) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- range $name, $model := (include "openweight.models" . | fromYaml) -}}
+{{- with $model.serve -}}
+{{- include "openweight.validate.noCredentialKeys" (dict "where" (printf "models.%s.serve.env" $name) "map" .env) -}}
+{{- include "openweight.validate.noCredentialKeys" (dict "where" (printf "models.%s.serve.engine_args" $name) "map" .engine_args) -}}
+{{- end -}}
+{{- end -}}
+{{- if .Values.cluster.enabled -}}
+{{- include "openweight.validate.replicasFit" . -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Non-empty when a key name reads as a credential: one of its parts (split at `_`, `-`, `.` and
+     camelCase humps) is a credential word. HF_TOKEN, api-key and apiKey match; tokenizer,
+     tokenizer_mode and max_num_batched_tokens do not. */}}
+{{- define "openweight.isCredentialName" -}}
+{{- $words := list "token" "secret" "password" "passwd" "key" "apikey" "credential" "credentials" "auth" "cookie" -}}
+{{- $name := regexReplaceAll "([a-z0-9])([A-Z])" (toString .) "${1}_${2}" | lower -}}
+{{- range regexSplit "[-_.]+" $name -1 -}}
+{{- if has . $words }}true{{ end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Fails on a credential-like key in `.map` (a `serve` block's env or engine_args, nested maps
+     included): serve blocks are written in plain text into the router's ConfigMap and the
+     RayService's serveConfigV2. A boolean passes (vLLM's `hf_token: true` names no token). */}}
+{{- define "openweight.validate.noCredentialKeys" -}}
+{{- $where := .where -}}
+{{- if kindIs "map" .map -}}
+{{- range $key, $value := .map -}}
+{{- if and (include "openweight.isCredentialName" $key) (not (kindIs "bool" $value)) -}}
+{{- fail (printf "%s.%s: credentials are never values (serve blocks are written into the ConfigMap and the RayService spec); give a Hugging Face token with cluster.hfToken.existingSecret (env HF_TOKEN on every Ray pod), any other secret as a cluster.env entry with valueFrom.secretKeyRef" $where $key) -}}
+{{- end -}}
+{{- include "openweight.validate.noCredentialKeys" (dict "where" (printf "%s.%s" $where $key) "map" $value) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Fails when a GPU model's replica cannot be placed on the worker groups (cluster/placement.py):
+     with pipeline_parallel_size 1 all tensor_parallel_size GPUs of a replica go on one node
+     (STRICT_PACK), so some group needs `gpus` >= TP; with PP > 1 the TP x PP bundles may span nodes
+     (PACK), so the groups together (`gpus` x `maxReplicas`) need TP x PP. */}}
+{{- define "openweight.validate.replicasFit" -}}
+{{- $largest := 0 -}}
+{{- $total := 0 -}}
+{{- range .Values.cluster.workerGroups -}}
+{{- if gt (int .maxReplicas) 0 -}}
+{{- $largest = max $largest (int .gpus) -}}
+{{- $total = add $total (mul (int .gpus) (int .maxReplicas)) -}}
+{{- end -}}
+{{- end -}}
+{{- range $name, $model := (include "openweight.models" . | fromYaml) -}}
+{{- $serve := $model.serve -}}
+{{- if and $serve (ne (lower (toString (default "gpu" $serve.accelerator))) "cpu") -}}
+{{- $tp := int (default 1 $serve.tensor_parallel_size) -}}
+{{- $pp := int (default 1 $serve.pipeline_parallel_size) -}}
+{{- if and (eq $pp 1) (gt $tp $largest) -}}
+{{- fail (printf "models.%s.serve.tensor_parallel_size: one replica needs %d GPUs on one node (Ray packs its tensor-parallel workers on one node), but the largest cluster.workerGroups pod has %d; add a worker group with gpus: %d" $name $tp $largest $tp) -}}
+{{- end -}}
+{{- if and (gt $pp 1) (gt (mul $tp $pp) $total) -}}
+{{- fail (printf "models.%s.serve: one replica needs tensor_parallel_size x pipeline_parallel_size = %d GPUs, but cluster.workerGroups offer %d in all (gpus x maxReplicas)" $name (mul $tp $pp) $total) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
