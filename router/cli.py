@@ -75,7 +75,10 @@ def _router(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    settings = load_settings(args.config)
+    from router.auth import KeyStore
+
+    settings = load_settings(args.config_option or args.config)
+    KeyStore.from_config(settings.router.auth)  # a keys file the router could not read fails here too
     data = settings.redacted()
     try:
         check_cluster = import_module("cluster.config").check_serve_blocks
@@ -113,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file and print it with secrets redacted")
     check.add_argument("config", nargs="?", help="config file (default: $OPENWEIGHT_CONFIG)")
+    check.add_argument("--config", dest="config_option", metavar="FILE", help="the same, as the router takes it")
     check.add_argument("--json", action="store_true", help="print JSON instead of YAML")
     check.set_defaults(func=_check_config)
 

@@ -14,9 +14,11 @@ there, so that the router does not depend on Ray or vLLM.
 from __future__ import annotations
 
 import os
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -233,6 +235,7 @@ class Settings(BaseSettings):
             problems.append(f"providers.{CLUSTER}: the name is reserved for the self-hosted cluster")
         if not self.models:
             problems.append("models: at least one model is required")
+        hosted = [name for name, model in self.models.items() if model.serve is not None]
         for name, model in self.models.items():
             for i, fallback in enumerate(model.fallbacks):
                 if fallback.provider not in self.providers:
@@ -247,8 +250,14 @@ class Settings(BaseSettings):
                 problems.append(
                     f"models.{name}.policy: {model.policy.value} needs the cluster, which is disabled"
                 )
+            elif needs_cluster and model.serve is None and hosted:
+                # This file deploys the cluster (other models have `serve:`): it would not host this one.
+                problems.append(
+                    f"models.{name}.serve: {model.policy.value} sends it to the cluster, which this file "
+                    f"deploys without it (only {', '.join(hosted)} have serve:); add serve: or use provider_only"
+                )
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))
         return self
 
     @classmethod
@@ -269,19 +278,47 @@ class Settings(BaseSettings):
     def redacted(self) -> dict[str, Any]:
         """The resolved config as plain data, with no secret in it (for `check-config`)."""
         data = self.model_dump(mode="json")
+        data["cluster"]["url"] = _redact_url(self.cluster.url)
         for name, provider in self.providers.items():
+            shown = data["providers"][name]
+            shown["url"] = _redact_url(provider.url)
             if provider.api_key_env:
                 state = "set" if provider.api_key() else "unset: provider inactive"
-                data["providers"][name]["api_key_env"] = f"{provider.api_key_env} ({state})"
-            data["providers"][name]["headers"] = dict.fromkeys(provider.headers, "<redacted>")
+                shown["api_key_env"] = f"{provider.api_key_env} ({state})"
+            shown["headers"] = dict.fromkeys(provider.headers, "<redacted>")
+        for name in self.models:
+            serve = data["models"][name]["serve"]
+            for block in ("env", "engine_args"):
+                if isinstance(serve, dict) and isinstance(serve.get(block), dict):
+                    serve[block] = {k: "<redacted>" if looks_secret(k) else v for k, v in serve[block].items()}
         return data
+
+
+_SECRET_WORDS = frozenset({"token", "secret", "password", "passwd", "key", "apikey", "credential", "credentials",
+                           "auth", "cookie"})
+
+
+def looks_secret(name: str) -> bool:
+    """Whether a setting's name says it holds a credential (``HF_TOKEN``, ``api_key``; not ``tokenizer``)."""
+    return any(word in _SECRET_WORDS for word in re.split(r"[_\-.]", name.lower()))
+
+
+def _redact_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None and parts.username is None:
+        return url
+    return urlunsplit(parts._replace(netloc=f"<redacted>@{parts.hostname}" + (f":{parts.port}" if parts.port else "")))
 
 
 def _format_errors(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "<file>"
-        lines.append(f"{key}: {item['msg']}")
+        key = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        if key:
+            lines.append(f"{key}: {message}")
+        else:  # whole-file checks: each line already names its key
+            lines.extend(message.splitlines())
     return "\n".join(lines)
 
 

@@ -147,10 +147,22 @@ def test_check_config_names_the_bad_key(tmp_path):
     assert done.returncode == 2
     assert "providers.p.url" in done.stderr
     assert "models.m.policy" in done.stderr
-    good = subprocess.run([sys.executable, "-m", "router.cli", "check-config", "deploy/examples/minimal.yaml"],
-                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
-    assert good.returncode == 0, good.stderr
-    assert "TOGETHER_API_KEY" in good.stdout
+    bad.write_text(yaml.safe_dump({"models": {"m": {"fallbacks": [{"provider": "q", "model": "x"}]}}}))
+    done = subprocess.run([sys.executable, "-m", "router.cli", "check-config", str(bad)],
+                          capture_output=True, text=True)
+    assert "models.m.fallbacks.0.provider: unknown provider 'q'" in done.stderr.splitlines()
+    for how in (["deploy/examples/minimal.yaml"], ["--config", "deploy/examples/minimal.yaml"]):
+        good = subprocess.run([sys.executable, "-m", "router.cli", "check-config", *how],
+                              capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+        assert good.returncode == 0, good.stderr
+        assert "TOGETHER_API_KEY" in good.stdout
+    keyed = tmp_path / "keyed.yaml"
+    keyed.write_text(yaml.safe_dump({"router": {"auth": {"keys_file": str(tmp_path / "absent.yaml")}},
+                                     "models": {"m": {}}}))
+    missing = subprocess.run([sys.executable, "-m", "router.cli", "check-config", str(keyed)],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2
+    assert "router.auth.keys_file: cannot read" in missing.stderr
 
 
 def test_sigterm_past_the_grace_period_ends_streams_with_an_error_event(tmp_path):

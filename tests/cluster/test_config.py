@@ -34,8 +34,11 @@ def errors_of(serve: dict[str, Any], name: str = "m") -> str:
 
 def write_config(tmp_path: Path, models: dict[str, Any]) -> Path:
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({"models": models}))
+    path.write_text(yaml.safe_dump({"providers": {"p": {"url": "http://p.example/v1"}}, "models": models}))
     return path
+
+
+PROVIDER_ONLY = {"policy": "provider_only", "fallbacks": [{"provider": "p", "model": "elsewhere"}]}
 
 
 def test_local_example_hosts_the_builtin_model_on_cpu() -> None:
@@ -148,7 +151,7 @@ def test_every_bad_model_is_reported_at_once(tmp_path: Path) -> None:
         {
             "a": {"serve": {"source": "x", "replicas": {"min": 2, "max": 1}}},
             "b": {"serve": {"source": "x", "tensor_parallel_size": 0}},
-            "c": {},
+            "c": PROVIDER_ONLY,
         },
     )
     with pytest.raises(ConfigError) as info:
@@ -157,7 +160,7 @@ def test_every_bad_model_is_reported_at_once(tmp_path: Path) -> None:
 
 
 def test_models_without_serve_are_not_hosted(tmp_path: Path) -> None:
-    path = write_config(tmp_path, {"a": {"serve": {"source": "x"}}, "b": {}})
+    path = write_config(tmp_path, {"a": {"serve": {"source": "x"}}, "b": PROVIDER_ONLY})
     _, specs = load_cluster_config(path)
     assert list(specs) == ["a"]
 
