@@ -66,7 +66,8 @@ class UpstreamConfig(_Strict):
     first_byte_timeout_s: float = Field(
         30.0,
         gt=0,
-        description="Seconds from sending the request to the first body byte; past it the router falls back.",
+        description="Seconds from sending the request to the first body byte; past it the router falls back. "
+        "A non-streamed answer's first byte comes when it is complete: allow for the longest generation.",
     )
     read_timeout_s: float = Field(
         60.0, gt=0, description="Seconds allowed between two chunks once a response is streaming."
