@@ -20,7 +20,7 @@ from email.utils import parsedate_to_datetime
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
 from tenacity.wait import wait_exponential_jitter
 
-from router.errors import UpstreamError, UpstreamUnavailable
+from router.errors import UpstreamError, UpstreamSaturated, UpstreamUnavailable
 from router.health import Health
 from router.metrics import NONE, RequestObserver
 from router.policy import Plan, Skip, Target
@@ -233,6 +233,12 @@ class Dispatcher:
             raise _Failed("circuit_open", "circuit open")
         try:
             response = await self._upstreams[name].send(request, max(0.001, deadline - self._clock()))
+        except UpstreamSaturated as exc:
+            self._health.release(name)  # our own limit, not the upstream failing: its circuit is untouched
+            observer.attempt(name, exc.outcome)
+            failed = _Failed(exc.outcome, "saturated (its max_connections requests are in flight)")
+            failed.attempts = 0
+            raise failed from None
         except UpstreamError as exc:
             self._health.failure(name)
             observer.attempt(name, exc.outcome)

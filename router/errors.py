@@ -17,6 +17,7 @@ OpenWeightError                     500 internal_error
     ├── UpstreamConnectError        502 connection refused / reset / DNS
     ├── UpstreamTimeout             504 connect or first-byte timeout
     ├── UpstreamProtocolError       502 the upstream broke the HTTP exchange
+    ├── UpstreamSaturated           503 the router's in-flight limit for it is reached (max_connections)
     ├── UpstreamUnavailable         503 no upstream left to try (all failed, open or inactive)
     └── ServiceShuttingDown         503 the router is draining
 ```
@@ -132,6 +133,14 @@ class UpstreamTimeout(UpstreamError):
 class UpstreamProtocolError(UpstreamError):
     code = "upstream_protocol_error"
     outcome = "protocol_error"
+
+
+class UpstreamSaturated(UpstreamError):
+    """The router's own limit of requests in flight towards that upstream is reached (no attempt made)."""
+
+    status = 503
+    code = "upstream_saturated"
+    outcome = "overloaded"
 
 
 class UpstreamUnavailable(UpstreamError):

@@ -72,7 +72,13 @@ class UpstreamConfig(_Strict):
     read_timeout_s: float = Field(
         60.0, gt=0, description="Seconds allowed between two chunks once a response is streaming."
     )
-    max_connections: int = Field(512, ge=1, description="Connection pool size towards this upstream.")
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="Most requests in flight towards this upstream (each holds a connection); past it a "
+        "request moves on at once as if the upstream were overloaded, without counting against its "
+        "circuit. None: no limit of the router's own (the upstream's back-pressure, 429/503, decides).",
+    )
     circuit: CircuitConfig = Field(default_factory=CircuitConfig, description="Circuit breaker settings.")
     probe: bool = Field(True, description="Probe GET {url}/models in the background to feed the circuit.")
 

@@ -140,6 +140,30 @@ def test_a_provider_error_that_echoes_its_key_is_relayed_without_it(fakes, monke
     assert r.json()["error"]["message"] == "bad request for key Bearer <redacted>"
 
 
+def test_a_full_connection_limit_moves_on_at_once_and_leaves_the_circuit_alone(fakes):
+    cluster, prov = fakes("cluster", default=Behavior(chunks=6, chunk_delay_s=0.2)), fakes("prov")
+    limited = {"max_connections": 1, "first_byte_timeout_s": 5, "circuit": {"failure_threshold": 1}}
+    with (
+        RouterServer(make_settings(cluster, {"prov": prov}, cluster_extra=limited)) as router,
+        router.client() as client,
+        router.client() as other,
+        client.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as held,
+    ):
+        lines = held.iter_lines()
+        next(line for line in lines if line.startswith("data: "))  # the one connection is taken
+        for _ in range(3):
+            start = time.monotonic()
+            r = other.post("/v1/chat/completions", json=chat())
+            assert time.monotonic() - start < 1  # no wait for a pooled connection
+            assert r.headers["x-openweight-upstream"] == "prov"
+            assert r.headers["x-openweight-attempts"] == "1"
+        assert router.metric("openweight_circuit_state", upstream="cluster") == 0
+        assert router.metric("openweight_fallbacks_total", from_upstream="cluster", reason="overloaded") == 3
+        assert [line for line in lines if line][-1] == "data: [DONE]"
+        assert other.post("/v1/chat/completions", json=chat()).headers["x-openweight-upstream"] == "cluster"
+    assert len(cluster.requests) == 2
+
+
 def test_every_upstream_failing_gives_one_openai_error(fakes):
     cluster = fakes("cluster", default=Behavior(status=500))
     prov = fakes("prov", default=Behavior(status=429, headers={"retry-after": "30"}))

@@ -8,14 +8,20 @@ where the HTTP client's exceptions become :mod:`router.errors` exceptions.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import aiohttp
 from aiohttp.payload import BytesPayload
 from yarl import URL
 
-from router.errors import UpstreamConnectError, UpstreamError, UpstreamProtocolError, UpstreamTimeout
+from router.errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamSaturated,
+    UpstreamTimeout,
+)
 from router.settings import CLUSTER, ClusterConfig, ConfigError, ProviderConfig, UpstreamConfig
 from router.upstreams.base import UpstreamRequest
 
@@ -44,12 +50,14 @@ def map_client_errors(upstream: str) -> Iterator[None]:
 class HttpResponse:
     """A started response, with its first body chunk already read."""
 
-    __slots__ = ("_response", "_secret", "_upstream", "first_chunk", "headers", "status")
+    __slots__ = ("_done", "_response", "_secret", "_upstream", "first_chunk", "headers", "status")
 
-    def __init__(self, upstream: str, response: aiohttp.ClientResponse, secret: bytes | None = None) -> None:
+    def __init__(self, upstream: str, response: aiohttp.ClientResponse, secret: bytes | None,
+                 done: Callable[[], None]) -> None:
         self._upstream = upstream
         self._response = response
         self._secret = secret
+        self._done: Callable[[], None] | None = done
         self.status = response.status
         self.headers = {k.lower(): v for k, v in response.headers.items()}
         self.first_chunk = b""
@@ -77,6 +85,9 @@ class HttpResponse:
             self._response.release()  # back to the pool
         else:
             self._response.close()  # abandon: the upstream sees the connection go
+        if self._done is not None:
+            self._done()
+            self._done = None
 
 
 class HttpUpstream:
@@ -106,6 +117,8 @@ class HttpUpstream:
             total=None, sock_connect=config.connect_timeout_s, sock_read=config.read_timeout_s
         )
         self._session: aiohttp.ClientSession | None = None
+        self.in_flight = 0
+        """Requests sent and not yet closed (bounded by ``config.max_connections``)."""
         self._urls: dict[str, URL] = {}
         """Parsed once per endpoint path, not per request."""
 
@@ -113,9 +126,9 @@ class HttpUpstream:
         # Created on first use: a session belongs to the running event loop.
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(
-                    limit=self.config.max_connections, limit_per_host=0, keepalive_timeout=30
-                ),
+                # The limit is in_flight's, checked before sending: a request never waits for a
+                # pooled connection inside its first-byte timeout (a full pool is not a dead upstream).
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30),
                 headers=self._headers,
                 timeout=self._timeout,
                 auto_decompress=False,
@@ -135,6 +148,10 @@ class HttpUpstream:
         if self._request_timeout_s is not None:
             # Ray Serve answers 408 past this instead of holding a request no replica can take.
             headers["x-request-timeout-seconds"] = str(max(1, int(min(self._request_timeout_s, timeout_s))))
+        limit = self.config.max_connections
+        if limit is not None and self.in_flight >= limit:
+            raise UpstreamSaturated(f"{self.name}: {limit} requests in flight, its max_connections")
+        self.in_flight += 1
         response: aiohttp.ClientResponse | None = None
         try:
             async with asyncio.timeout(min(timeout_s, self.config.first_byte_timeout_s)):
@@ -146,17 +163,22 @@ class HttpUpstream:
                     response = await self._client().request(
                         request.method, url, data=body, headers=headers, allow_redirects=False
                     )
-                started = HttpResponse(self.name, response, self._secret)
+                started = HttpResponse(self.name, response, self._secret, self._finished)
                 await started._read_first()
         except TimeoutError:
+            self._finished()
             if response is not None:
                 response.close()
             raise UpstreamTimeout(f"{self.name}: no first byte within the timeout") from None
         except BaseException:
+            self._finished()
             if response is not None:
                 response.close()
             raise
         return started
+
+    def _finished(self) -> None:
+        self.in_flight -= 1
 
     async def probe(self) -> bool:
         timeout = aiohttp.ClientTimeout(total=self.config.connect_timeout_s + 3.0)
