@@ -3,9 +3,9 @@
 ``openweight run --config deploy/examples/local.yaml``:
 
 1. prepare the built-in models (download and convert once; later runs only check the cache);
-2. start a private local Ray (:func:`cluster.runtime.start_local_ray`) and Serve, whose OpenAI
-   ingress replica answers on the host and port of ``cluster.url`` itself (Serve's direct ingress,
-   see :func:`direct_ingress`; Serve's proxy then listens on a private port);
+2. start a private local Ray (:func:`cluster.runtime.start_local_ray`) and Serve, whose proxy
+   answers on the host and port of ``cluster.url`` (with ``--direct-ingress``, the OpenAI ingress
+   replica itself does, see :func:`direct_ingress`, and the proxy listens on a private port);
 3. deploy the Serve config that KubeRay would get (Serve builds the ``ray.serve.llm`` application
    from it with ``cluster.builder:app_from_args``, so this process never imports vLLM) and wait
    until every replica is ready;
@@ -65,14 +65,16 @@ def _endpoint(url: str, what: str) -> tuple[str, int]:
 
 
 def direct_ingress(specs: Mapping[str, ServeSpec]) -> bool:
-    """Whether ``cluster.url`` is served by the ingress replica itself rather than Serve's proxy.
+    """Whether ``cluster.url`` can be served by the ingress replica itself rather than Serve's proxy.
 
     The local stack is one node with one ingress replica, so the proxy process in front of it is a
     hop with nothing to route: every token crosses one process less, and on a small machine that
     process no longer takes CPU from the engine (``openweight bench e2e``, README). Not when every
     model may scale to zero: Serve then scales the ingress to zero as well, and only the proxy,
-    holding a request, would bring it back. (On Kubernetes the chart keeps Serve's proxies:
-    KubeRay's Service routes to them.)
+    holding a request, would bring it back. Opt-in (:attr:`LocalStack.direct_ingress`): an ingress
+    replica that dies cannot come back, since its successor finds the port still held by the dead
+    one's closing connections and Serve then never hands that port out again. (On Kubernetes the
+    chart keeps Serve's proxies: KubeRay's Service routes to them.)
     """
     return any(spec.replicas.min > 0 for spec in specs.values())
 
@@ -113,6 +115,8 @@ class LocalStack:
     deploy_timeout_s: float = 900.0
     with_router: bool = True
     """False: the cluster only (``openweight cluster up`` without ``RAY_ADDRESS``)."""
+    direct_ingress: bool = False
+    """Serve ``cluster.url`` from the ingress replica itself (see :func:`direct_ingress`)."""
     timings: Timings = field(default_factory=Timings)
     _local_ray: Any = None
     _proxy_port: int | None = None
@@ -194,7 +198,7 @@ class LocalStack:
             for spec in self.specs.values()
         )
         num_cpus = max(os.cpu_count() or 1, int(needed) + 2)  # + the OpenAI ingress and a spare
-        direct = direct_ingress(self.specs)
+        direct = self.direct_ingress and direct_ingress(self.specs)
         self._proxy_port = free_port(self.serve_host) if direct else self.serve_port
         self._local_ray = start_local_ray(
             num_cpus=num_cpus,
@@ -309,6 +313,7 @@ def serve_until_stopped(
     config: str | os.PathLike[str] | None,
     *,
     with_router: bool = True,
+    direct_ingress: bool = False,
     deploy_timeout_s: float = 900.0,
     progress: Progress = print,
 ) -> int:
@@ -317,7 +322,8 @@ def serve_until_stopped(
     ``config`` defaults to ``$OPENWEIGHT_CONFIG``. Returns the exit status.
     """
     stack = LocalStack(
-        config_path(config), progress=progress, with_router=with_router, deploy_timeout_s=deploy_timeout_s
+        config_path(config), progress=progress, with_router=with_router, direct_ingress=direct_ingress,
+        deploy_timeout_s=deploy_timeout_s,
     )
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     try:
@@ -342,7 +348,7 @@ def serve_until_stopped(
 
 def _run_command(args: argparse.Namespace) -> int:
     try:
-        return serve_until_stopped(args.config)
+        return serve_until_stopped(args.config, direct_ingress=args.direct_ingress)
     except (StackError, ConfigError) as exc:
         print(f"openweight run: {exc}", file=sys.stderr)
         return 2
@@ -355,6 +361,11 @@ def register_run(subparsers: Any) -> None:
     """Add ``run --config FILE`` (the local stack) to an argparse subparsers object."""
     parser = subparsers.add_parser("run", help="start the local stack: models, Ray Serve + vLLM, router")
     parser.add_argument("--config", help="config file (default: $OPENWEIGHT_CONFIG)")
+    parser.add_argument(
+        "--direct-ingress", action="store_true",
+        help="serve cluster.url from the OpenAI ingress replica itself, not Serve's proxy: one process hop "
+        "less per token, but a crashed ingress replica cannot come back (its port stays blocked)",
+    )
     parser.set_defaults(func=_run_command)
 
 
@@ -362,4 +373,4 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         print("usage: python -m cluster.stack CONFIG", file=sys.stderr)
         sys.exit(2)
-    sys.exit(_run_command(argparse.Namespace(config=sys.argv[1])))
+    sys.exit(_run_command(argparse.Namespace(config=sys.argv[1], direct_ingress=False)))

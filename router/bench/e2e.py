@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         path = write_config(config, tmp)
         # Both engines run at once (an idle one costs no CPU) so that each round measures every target
         # back to back, under the same conditions on a shared machine.
-        with vllm_server(path, log) as (vllm_url, vllm_pid), local_stack(path, log) as stack, \
+        with vllm_server(path, log) as (vllm_url, vllm_pid), local_stack(path, log, direct_ingress=True) as stack, \
                 openweight(config, config["router"]["port"], tmp, log) as router:
             router_url = f"http://127.0.0.1:{config['router']['port']}/v1"
             targets = [("vllm", vllm_url), ("router", router_url), ("serve", config["cluster"]["url"])]

@@ -50,7 +50,7 @@ def write_config(config: dict[str, Any], directory: Path) -> Path:
 
 
 @contextlib.contextmanager
-def local_stack(path: Path, log: IO[bytes]) -> Iterator[Any]:
+def local_stack(path: Path, log: IO[bytes], *, direct_ingress: bool = False) -> Iterator[Any]:
     """The cluster side of ``openweight run`` (no router) for the config at ``path``."""
     try:
         from cluster.stack import LocalStack
@@ -61,7 +61,7 @@ def local_stack(path: Path, log: IO[bytes]) -> Iterator[Any]:
         print(line, file=sys.stderr, flush=True)
 
     stack = LocalStack(path, progress=progress, with_router=False, router_output=log, metrics_export_port=None,
-                       deploy_timeout_s=900)
+                       deploy_timeout_s=900, direct_ingress=direct_ingress)
     stack.start()
     try:
         yield stack

@@ -71,7 +71,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         router_log = folder / "router.log"
         metrics_port = free_port()
         with router_log.open("wb") as log:
-            local = LocalStack(path, router_output=log, metrics_export_port=metrics_port, deploy_timeout_s=600)
+            local = LocalStack(path, router_output=log, metrics_export_port=metrics_port, deploy_timeout_s=600,
+                               direct_ingress=True)
             local.start()
             try:
                 yield Stack(local, fallback, router_log, f"http://127.0.0.1:{metrics_port}/metrics")
