@@ -152,6 +152,9 @@ class ServeSpec(_Strict):
     @classmethod
     def _env_strings(cls, env: Any) -> Any:
         if isinstance(env, Mapping):
+            wrong = [k for k, v in env.items() if v is None or isinstance(v, (Mapping, list))]
+            if wrong:
+                raise ValueError(f"{', '.join(map(repr, wrong))}: a value must be a string, number or boolean")
             return {
                 k: str(v).lower() if isinstance(v, bool) else v if isinstance(v, str) else str(v)
                 for k, v in env.items()
@@ -177,7 +180,8 @@ class ServeSpec(_Strict):
             return value
         from ray.util.accelerators import accelerators
 
-        known = {v for k, v in vars(accelerators).items() if k.isupper() and isinstance(v, str)}
+        # Ray's constants, not the module's other strings (some are named AMD_INSTINCT_MI300x).
+        known = {v for k, v in vars(accelerators).items() if k[:1].isupper() and isinstance(v, str)}
         if value not in known:
             close = difflib.get_close_matches(value, known, n=3)
             raise ValueError(f"unknown accelerator type {value!r}" + (f" (close: {close})" if close else ""))

@@ -29,6 +29,7 @@ RESERVED: dict[str, str] = {
     "tensor_parallel_size": "use serve.tensor_parallel_size",
     "pipeline_parallel_size": "use serve.pipeline_parallel_size",
     "distributed_executor_backend": "chosen by Ray Serve from serve.accelerator",
+    "data_parallel_size": "scale with serve.replicas (each replica is one engine)",
 }
 """Engine arguments that have their own ``serve`` field or are set by the builder."""
 

@@ -3,9 +3,11 @@
 A local Ray started here never touches another Ray on the machine:
 
 - ``address="local"`` (never join a running cluster) and a private temporary folder;
-- node address 127.0.0.1 and the dashboard off (GCS, raylet and the metrics agent still bind all
-  interfaces - Ray offers no way around that - so token authentication stays on, with a token
-  private to this cluster rather than ``~/.ray/auth_token``);
+- the dashboard off; GCS, raylet, the agents and the metrics port still listen on the machine's
+  routable address or all interfaces (Ray replaces a loopback node address with the routable one:
+  it offers no way to keep a node on loopback), so token authentication stays on, with a token
+  private to this cluster rather than ``~/.ray/auth_token``; the metrics port has no
+  authentication;
 - GCS, dashboard and worker ports are random free ones, not Ray's defaults; Serve HTTP and the
   metrics port come from the caller;
 - optionally, the OpenAI ingress replica answers HTTP itself on the caller's port (Serve's direct

@@ -80,7 +80,7 @@ def direct_ingress(specs: Mapping[str, ServeSpec]) -> bool:
 
 
 def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
@@ -176,6 +176,9 @@ class LocalStack:
     def _check_ports(self) -> None:
         wanted = [("cluster.url", self.serve_host, self.serve_port)]
         if self.with_router:
+            from router.cli import client_keys
+
+            client_keys(self.settings)  # what would stop the router, before minutes of deploying
             wanted.append(("router.port", self.settings.router.host, self.settings.router.port))
         if self.metrics_export_port is not None:
             wanted.append(("Ray metrics", "0.0.0.0", self.metrics_export_port))
@@ -251,7 +254,9 @@ class LocalStack:
         self.progress("[4/4] router")
         command = [sys.executable, "-m", "router.cli", "router", "--config", str(self.config_path)]
         out = self.router_output
-        self._router = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT if out else None)
+        # Its own session: a terminal's Ctrl-C reaches this process, which stops the router (SIGTERM).
+        self._router = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT if out else None,
+                                        start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             code = self._router.poll()
@@ -294,7 +299,8 @@ def ready_message(stack: LocalStack) -> str:
     model = next(iter(settings.models)) if stack.with_router else next(iter(stack.specs))
     base = f"{stack.router_url}/v1" if stack.with_router else settings.cluster.url
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
-    keyed = stack.with_router and os.environ.get(settings.router.auth.keys_env)
+    auth_config = settings.router.auth
+    keyed = stack.with_router and (auth_config.keys_file is not None or os.environ.get(auth_config.keys_env))
     auth = ' -H "authorization: Bearer $KEY"' if keyed else ""
     what = "openweight" if stack.with_router else "the cluster"
     return (

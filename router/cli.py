@@ -10,11 +10,15 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from importlib import import_module
+from typing import TYPE_CHECKING
 
 import uvicorn
 import yaml
 
 from router.settings import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from router.auth import KeyStore
 
 log = logging.getLogger("openweight.router")
 
@@ -28,20 +32,28 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve_router(settings: Settings) -> None:
-    """Run the router until SIGTERM/SIGINT, then drain in-flight requests within the grace period."""
-    from router.app import create_app  # deferred: `check-config` must not need the server stack
+def client_keys(settings: Settings) -> KeyStore:
+    """The client keys the router would serve with; :class:`ConfigError` where it would refuse to start."""
     from router.auth import KeyStore
 
     keys = KeyStore.from_config(settings.router.auth)
     host = settings.router.host
+    if keys.open and not is_loopback(host) and not settings.router.auth.insecure_no_auth:
+        raise ConfigError(
+            f"no client API keys are configured, so the router only serves on a loopback address, "
+            f"not {host!r}: set {settings.router.auth.keys_env} or router.auth.keys_file, "
+            "or pass --insecure-no-auth"
+        )
+    return keys
+
+
+def serve_router(settings: Settings) -> None:
+    """Run the router until SIGTERM/SIGINT, then drain in-flight requests within the grace period."""
+    from router.app import create_app  # deferred: `check-config` must not need the server stack
+
+    keys = client_keys(settings)
+    host = settings.router.host
     if keys.open:
-        if not is_loopback(host) and not settings.router.auth.insecure_no_auth:
-            raise ConfigError(
-                f"no client API keys are configured, so the router only serves on a loopback address, "
-                f"not {host!r}: set {settings.router.auth.keys_env} or router.auth.keys_file, "
-                "or pass --insecure-no-auth"
-            )
         log.warning("serving without client authentication on %s", host)
     app = create_app(settings, keys=keys)
     config = uvicorn.Config(

@@ -121,10 +121,21 @@ def test_env_values_become_strings_and_override_defaults() -> None:
             {"source": "x", "engine_args": {"tensor_parallel_size": 2}},
             "'tensor_parallel_size' is not allowed here: use serve.tensor_parallel_size",
         ),
+        ({"source": "x", "engine_args": {"data_parallel_size": 2}}, "'data_parallel_size' is not allowed here"),
+        ({"source": "x", "env": {"A": None, "B": [1]}}, "models.m.serve.env: 'A', 'B': a value must be a string"),
     ],
 )
 def test_bad_values_name_their_key(serve: dict[str, Any], expected: str) -> None:
     assert expected in errors_of(serve)
+
+
+def test_every_accelerator_type_ray_knows_is_accepted() -> None:
+    from ray.util.accelerators import accelerators
+
+    for name in ("AMD_INSTINCT_MI300x", "NVIDIA_H100", "NVIDIA_TESLA_A10G"):
+        value = getattr(accelerators, name)
+        assert ServeSpec(source="x", accelerator_type=value).accelerator_type == value
+    assert "unknown accelerator type 'H200-ish'" in errors_of({"source": "x", "accelerator_type": "H200-ish"})
 
 
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM not installed: engine argument names are not checked")
@@ -221,3 +232,42 @@ def test_local_stack_serves_the_cluster_url_from_the_ingress_replica_unless_ever
     assert direct_ingress(parse_serve_specs({"a": to_zero, "b": fixed}))
     # Serve scales the ingress to zero with the models; only its proxy would bring it back.
     assert not direct_ingress(parse_serve_specs({"a": to_zero, "b": to_zero}))
+
+
+def test_a_router_that_would_refuse_to_start_stops_the_stack_before_anything_starts(tmp_path: Path) -> None:
+    from cluster.stack import LocalStack
+
+    path = tmp_path / "open.yaml"
+    path.write_text(yaml.safe_dump({
+        "router": {"host": "0.0.0.0", "port": 1},  # no client keys: the router would refuse this address
+        "cluster": {"url": "http://127.0.0.1:1/v1"},
+        "models": {"m": {"serve": {"source": "builtin:smollm2-135m-instruct", "accelerator": "cpu"}}},
+    }))
+    progress: list[str] = []
+    with pytest.raises(ConfigError, match="only serves on a loopback address"):
+        LocalStack(path, progress=progress.append, metrics_export_port=None).start()
+    assert progress == []  # not even the model step began
+
+
+def test_the_ready_message_shows_the_key_header_when_keys_come_from_a_file(tmp_path: Path) -> None:
+    from cluster.stack import LocalStack, ready_message
+
+    path = tmp_path / "keyed.yaml"
+    path.write_text(yaml.safe_dump({
+        "router": {"auth": {"keys_file": str(tmp_path / "keys.yaml")}},
+        "models": {"m": {"serve": {"source": "builtin:smollm2-135m-instruct", "accelerator": "cpu"}}},
+    }))
+    assert "authorization: Bearer $KEY" in ready_message(LocalStack(path))
+
+
+def test_ports_on_ipv6_addresses_are_checked_as_ipv6() -> None:
+    import socket
+
+    from cluster.stack import _port_free
+
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as held:
+        held.bind(("::1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        assert not _port_free("::1", port)
+    assert _port_free("::1", port)
