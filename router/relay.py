@@ -21,6 +21,7 @@ from router.metrics import RequestObserver
 
 log = logging.getLogger("openweight.router")
 
+
 class Responder(Protocol):
     """Where the answer goes: the ASGI `send` of one request, and whether a response has started."""
 
