@@ -69,13 +69,15 @@ class LocalRay:
         import ray
         from ray import serve
 
-        if ray.is_initialized():
-            try:
-                serve.shutdown()  # type: ignore[no-untyped-call]
-            finally:
-                ray.shutdown()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
-        _restore_env(self.previous_env)
+        try:
+            if ray.is_initialized():
+                try:
+                    serve.shutdown()  # type: ignore[no-untyped-call]
+                finally:
+                    ray.shutdown()
+        finally:  # also when a second Ctrl-C interrupts the above: the folder holds the cluster's token
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            _restore_env(self.previous_env)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
