@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cluster.engine_args import RESERVED, engine_arg_names
 from cluster.model import BUILTIN_PREFIX, ModelError, builtin_model
 from router.settings import ConfigError, Settings, load_settings
+from router.settings import problems as config_problems
 
 BUILTIN_CPU_ENGINE_DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
@@ -234,14 +235,6 @@ class ServeSpec(_Strict):
         return env
 
 
-def _format(prefix: str, error: ValidationError) -> list[str]:
-    lines = []
-    for item in error.errors():
-        key = ".".join([prefix, *(str(part) for part in item["loc"])])
-        lines.append(f"{key}: {item['msg'].removeprefix('Value error, ')}")
-    return lines
-
-
 def parse_serve_specs(blocks: Mapping[str, Any]) -> dict[str, ServeSpec]:
     """Validate ``serve`` blocks keyed by model name; raise :class:`ConfigError` naming each bad key."""
     specs: dict[str, ServeSpec] = {}
@@ -250,7 +243,7 @@ def parse_serve_specs(blocks: Mapping[str, Any]) -> dict[str, ServeSpec]:
         try:
             specs[name] = ServeSpec.model_validate(block)
         except ValidationError as exc:
-            problems.extend(_format(f"models.{name}.serve", exc))
+            problems.extend(config_problems(exc, f"models.{name}.serve"))
     if problems:
         raise ConfigError("\n".join(problems))
     return specs

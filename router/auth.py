@@ -17,7 +17,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from router.errors import AuthenticationFailed, PermissionDenied, RateLimited
-from router.settings import ApiKey, AuthConfig, ConfigError, RateLimit
+from router.settings import ApiKey, AuthConfig, ConfigError, RateLimit, error_message
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +72,7 @@ class KeyStore:
                 raise ConfigError(f"router.auth.keys_file: {config.keys_file} is not valid YAML") from None
             except ValidationError as exc:
                 where = "; ".join(
-                    f"router.auth.keys_file[{'.'.join(map(str, e['loc']))}]: {e['msg'].removeprefix('Value error, ')}"
-                    for e in exc.errors()
+                    f"router.auth.keys_file[{'.'.join(map(str, e['loc']))}]: {error_message(e)}" for e in exc.errors()
                 )
                 raise ConfigError(where) from None
         env_keys = [k.strip() for k in os.environ.get(config.keys_env, "").split(",") if k.strip()]
@@ -81,8 +80,7 @@ class KeyStore:
             try:
                 keys.append(ApiKey(name=f"{config.keys_env}[{i}]", key=k))
             except ValidationError as exc:
-                problem = exc.errors()[0]["msg"].removeprefix("Value error, ")
-                raise ConfigError(f"{config.keys_env}[{i}]: {problem}") from None
+                raise ConfigError(f"{config.keys_env}[{i}]: {error_message(exc.errors()[0])}") from None
         return cls(keys)
 
     @property

@@ -71,12 +71,13 @@ def retry_after_s(headers: Mapping[str, str], now: Callable[[], float] = time.ti
 class _Failed(Exception):
     """One attempt failed with `outcome`; another upstream may do better."""
 
-    def __init__(self, outcome: str, detail: str, retry_after: float | None = None) -> None:
+    def __init__(self, outcome: str, detail: str, retry_after: float | None = None, attempts: int = 1) -> None:
         super().__init__(detail)
         self.outcome = outcome
         self.detail = detail
         self.retry_after = retry_after
-        self.attempts = 1
+        self.attempts = attempts
+        """Requests this failure sent (0: none left the router)."""
 
 
 @dataclass(slots=True)
@@ -224,9 +225,7 @@ class Dispatcher:
         if wait > 0:
             # It asked for time (Retry-After) and is the last one left: wait for it, or not at all.
             if wait > self._retry.max_retry_after_s or self._clock() + wait >= deadline:
-                failed = _Failed("overloaded", f"overloaded (Retry-After {math.ceil(wait)} s)", wait)
-                failed.attempts = 0
-                raise failed
+                raise _Failed("overloaded", f"overloaded (Retry-After {math.ceil(wait)} s)", wait, attempts=0)
             await asyncio.sleep(wait)
         if not self._health.acquire(name):
             observer.attempt(name, "circuit_open")
@@ -236,9 +235,7 @@ class Dispatcher:
         except UpstreamSaturated as exc:
             self._health.release(name)  # our own limit, not the upstream failing: its circuit is untouched
             observer.attempt(name, exc.outcome)
-            failed = _Failed(exc.outcome, "saturated (its max_connections requests are in flight)")
-            failed.attempts = 0
-            raise failed from None
+            raise _Failed(exc.outcome, "saturated (its max_connections requests are in flight)", attempts=0) from None
         except UpstreamError as exc:
             self._health.failure(name)
             observer.attempt(name, exc.outcome)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Self
@@ -191,7 +192,7 @@ class ApiKey(_Strict):
             len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256.lower())
         ):
             raise ValueError("`sha256` must be 64 hex digits")
-        if self.key is not None and not (self.key.isascii() and self.key.isprintable() and self.key.strip()):
+        if self.key is not None and not (header_safe(self.key) and self.key.strip()):
             raise ValueError("`key` must be printable ASCII with no blank ends (an HTTP header carries it)")
         return self
 
@@ -317,16 +318,27 @@ def _redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"<redacted>@{parts.hostname}" + (f":{parts.port}" if parts.port else "")))
 
 
-def _format_errors(error: ValidationError) -> str:
+def error_message(item: Mapping[str, Any]) -> str:
+    """The message of one pydantic error, without the ``Value error,`` put before a validator's own."""
+    return str(item["msg"]).removeprefix("Value error, ")
+
+
+def problems(error: ValidationError, prefix: str = "") -> list[str]:
+    """One line per problem, each starting with its key (under ``prefix``): what ConfigError says."""
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"])
-        message = item["msg"].removeprefix("Value error, ")
+        key = ".".join([part for part in (prefix, *map(str, item["loc"])) if part])
+        message = error_message(item)
         if key:
             lines.append(f"{key}: {message}")
         else:  # whole-file checks: each line already names its key
             lines.extend(message.splitlines())
-    return "\n".join(lines)
+    return lines
+
+
+def header_safe(value: str) -> bool:
+    """Whether an HTTP header can carry ``value`` as it is (printable ASCII)."""
+    return value.isascii() and value.isprintable()
 
 
 def config_path(path: str | os.PathLike[str] | None) -> Path:
@@ -358,4 +370,4 @@ def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) 
     try:
         return Settings(**raw)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc)) from None
+        raise ConfigError("\n".join(problems(exc))) from None

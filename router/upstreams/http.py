@@ -22,7 +22,7 @@ from router.errors import (
     UpstreamSaturated,
     UpstreamTimeout,
 )
-from router.settings import CLUSTER, ClusterConfig, ConfigError, ProviderConfig, UpstreamConfig
+from router.settings import CLUSTER, ClusterConfig, ConfigError, ProviderConfig, UpstreamConfig, header_safe
 from router.upstreams.base import UpstreamRequest
 
 
@@ -165,15 +165,12 @@ class HttpUpstream:
                     )
                 started = HttpResponse(self.name, response, self._secret, self._finished)
                 await started._read_first()
-        except TimeoutError:
+        except BaseException as exc:
             self._finished()
             if response is not None:
                 response.close()
-            raise UpstreamTimeout(f"{self.name}: no first byte within the timeout") from None
-        except BaseException:
-            self._finished()
-            if response is not None:
-                response.close()
+            if isinstance(exc, TimeoutError):
+                raise UpstreamTimeout(f"{self.name}: no first byte within the timeout") from None
             raise
         return started
 
@@ -205,7 +202,7 @@ def provider_upstream(name: str, config: ProviderConfig) -> HttpUpstream:
     headers = dict(config.headers)
     key = config.api_key()
     if key:
-        if not (key.isascii() and key.isprintable()):
+        if not header_safe(key):
             raise ConfigError(
                 f"providers.{name}.api_key_env: {config.api_key_env} holds characters an HTTP header cannot carry"
             )
