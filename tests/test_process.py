@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -9,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -55,6 +58,23 @@ class RouterProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.communicate(timeout=30)[0]
+
+
+def check_config(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """``openweight check-config`` with ``args``, as a process of its own."""
+    return subprocess.run([sys.executable, "-m", "router.cli", "check-config", *args],
+                          capture_output=True, text=True, **kwargs)
+
+
+@contextlib.contextmanager
+def streaming(router: RouterProcess) -> Iterator[Iterator[str]]:
+    """A streamed chat request through ``router`` whose first event has arrived: yields the lines after it."""
+    with httpx.Client(base_url=router.url, timeout=20) as client, client.stream(
+        "POST", "/v1/chat/completions", json=chat(stream=True)
+    ) as r:
+        lines = r.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        yield lines
 
 
 def test_metrics_exposition_moves_and_passes_promtool(tmp_path):
@@ -107,10 +127,7 @@ def test_provider_key_never_appears_in_logs_errors_metrics_or_headers(tmp_path):
             assert prov.requests[0].headers["authorization"] == f"Bearer {SECRET}"
         finally:
             seen.append(router.stop())
-        checked = subprocess.run(
-            [sys.executable, "-m", "router.cli", "check-config", str(tmp_path / "c.yaml")],
-            capture_output=True, text=True, env={**os.environ, "PROV_TEST_KEY": SECRET},
-        )
+        checked = check_config(str(tmp_path / "c.yaml"), env={**os.environ, "PROV_TEST_KEY": SECRET})
         seen.append(checked.stdout + checked.stderr)
     assert "PROV_TEST_KEY (set)" in checked.stdout
     assert not any(SECRET in text for text in seen)
@@ -120,11 +137,7 @@ def test_sigterm_lets_in_flight_streams_finish_then_exits(tmp_path):
     slow = Behavior(chunks=8, chunk_delay_s=0.25)
     with FakeUpstream("cluster", default=slow) as cluster, FakeUpstream("prov") as prov:
         router = RouterProcess(write_config(tmp_path / "c.yaml", cluster.url, prov.url))
-        with httpx.Client(base_url=router.url, timeout=20) as client, client.stream(
-            "POST", "/v1/chat/completions", json=chat(stream=True)
-        ) as r:
-            lines = r.iter_lines()
-            next(line for line in lines if line.startswith("data: "))
+        with streaming(router) as lines:
             router.proc.send_signal(signal.SIGTERM)
             time.sleep(0.3)
             with pytest.raises(httpx.ConnectError):
@@ -142,25 +155,21 @@ def test_check_config_names_the_bad_key(tmp_path):
         "providers": {"p": {"url": "ftp://x"}},
         "models": {"m": {"policy": "sometimes", "fallbacks": [{"provider": "q", "model": "x"}]}},
     }))
-    done = subprocess.run([sys.executable, "-m", "router.cli", "check-config", str(bad)],
-                          capture_output=True, text=True)
+    done = check_config(str(bad))
     assert done.returncode == 2
     assert "providers.p.url" in done.stderr
     assert "models.m.policy" in done.stderr
     bad.write_text(yaml.safe_dump({"models": {"m": {"fallbacks": [{"provider": "q", "model": "x"}]}}}))
-    done = subprocess.run([sys.executable, "-m", "router.cli", "check-config", str(bad)],
-                          capture_output=True, text=True)
+    done = check_config(str(bad))
     assert "models.m.fallbacks.0.provider: unknown provider 'q'" in done.stderr.splitlines()
     for how in (["deploy/examples/minimal.yaml"], ["--config", "deploy/examples/minimal.yaml"]):
-        good = subprocess.run([sys.executable, "-m", "router.cli", "check-config", *how],
-                              capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+        good = check_config(*how, cwd=Path(__file__).parent.parent)
         assert good.returncode == 0, good.stderr
         assert "TOGETHER_API_KEY" in good.stdout
     keyed = tmp_path / "keyed.yaml"
     keyed.write_text(yaml.safe_dump({"router": {"auth": {"keys_file": str(tmp_path / "absent.yaml")}},
                                      "models": {"m": {}}}))
-    missing = subprocess.run([sys.executable, "-m", "router.cli", "check-config", str(keyed)],
-                             capture_output=True, text=True)
+    missing = check_config(str(keyed))
     assert missing.returncode == 2
     assert "router.auth.keys_file: cannot read" in missing.stderr
 
@@ -170,11 +179,7 @@ def test_sigterm_past_the_grace_period_ends_streams_with_an_error_event(tmp_path
     with FakeUpstream("cluster", default=slow) as cluster, FakeUpstream("prov") as prov:
         config = write_config(tmp_path / "c.yaml", cluster.url, prov.url, shutdown_grace_s=1.5)
         router = RouterProcess(config)
-        with httpx.Client(base_url=router.url, timeout=20) as client, client.stream(
-            "POST", "/v1/chat/completions", json=chat(stream=True)
-        ) as r:
-            lines = r.iter_lines()
-            next(line for line in lines if line.startswith("data: "))
+        with streaming(router) as lines:
             router.proc.send_signal(signal.SIGTERM)
             rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]"
