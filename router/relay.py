@@ -33,10 +33,23 @@ class Responder(Protocol):
     @property
     def request_id(self) -> str: ...
 
+
 _DONE = b"[DONE]"
-_DONE_EVENT = re.compile(rb"(?:^|\n)data: ?\[DONE\]")
-"""The end of the stream: an event of its own, not those bytes inside a chunk's text."""
+_DONE_LINES = (b"data: [DONE]", b"data:[DONE]")
 _EVENT_END = b"\n\n"
+
+
+def _ends_stream(data: bytes) -> bool:
+    """Whether `data` holds the `data: [DONE]` event: a line of its own, not those bytes inside a chunk's text."""
+    at = data.find(_DONE)
+    while at >= 0:
+        end = at + len(_DONE)
+        for line in _DONE_LINES:
+            start = end - len(line)
+            if start >= 0 and data.startswith(line, start) and (start == 0 or data[start - 1] == 0x0A):
+                return True
+        at = data.find(_DONE, end)
+    return False
 
 
 def usage_of(payload: object) -> tuple[int, int] | None:
@@ -53,12 +66,24 @@ def usage_of(payload: object) -> tuple[int, int] | None:
     )
 
 
-_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+_USAGE_KEY = b'"usage"'
+_OBJECT_VALUE = re.compile(rb"\s*:\s*\{")
 
 
-def _has_usage(data: bytes) -> bool:
-    """Whether `data` holds a `"usage"` key with an object value (most chunks carry `"usage": null`)."""
-    return b'"usage"' in data and _USAGE_OBJECT.search(data) is not None
+def _usage_at(data: bytes, start: int = 0) -> int:
+    """Where a `"usage"` key with an object value is in `data`, from `start`; -1 when none.
+
+    Most chunks carry `"usage": null`: plain searches find the key, and only its value is matched,
+    so a chunk costs no regular-expression scan. (Inside a JSON string the quotes are escaped, so
+    generated text never looks like the key.)
+    """
+    at = data.find(_USAGE_KEY, start)
+    while at >= 0:
+        after = at + len(_USAGE_KEY)
+        if _OBJECT_VALUE.match(data, after):
+            return at
+        at = data.find(_USAGE_KEY, after)
+    return -1
 
 
 class SseTracker:
@@ -86,27 +111,45 @@ class SseTracker:
             complete, self._pending = data, b""
         else:
             complete, self._pending = data[:end], data[end:]
-        if _DONE in complete and _DONE_EVENT.search(complete):
+        if _DONE in complete and _ends_stream(complete):
             self.done = True
-        if _has_usage(complete):
-            complete = self._take_usage(complete)
+        if _USAGE_KEY in complete:
+            at = _usage_at(complete)
+            if at >= 0:
+                complete = self._take_usage(complete, at)
         return complete
 
-    def _take_usage(self, complete: bytes) -> bytes:
-        kept = []
-        for event in complete.split(_EVENT_END)[:-1]:
-            if event.startswith(b"data:") and _has_usage(event):
-                try:
-                    payload = json.loads(event[5:])
-                except ValueError:
-                    payload = None
-                usage = usage_of(payload)
-                if usage is not None:
-                    self.usage = usage
-                    if self.strip_usage and isinstance(payload, dict) and payload.get("choices") == []:
-                        continue  # the usage-only chunk we asked for on the client's behalf
-            kept.append(event + _EVENT_END)
+    def _take_usage(self, complete: bytes, at: int) -> bytes:
+        """Note the usage of each event that carries one (the first at `at`) and drop the usage-only
+        chunk that was asked for on the client's behalf; every other byte passes as it is."""
+        kept: list[bytes] = []
+        settled = 0  # complete[:settled] is either in `kept` or dropped
+        while at >= 0:
+            start = complete.rfind(_EVENT_END, settled, at)
+            start = settled if start < 0 else start + len(_EVENT_END)
+            end = complete.find(_EVENT_END, at) + len(_EVENT_END)  # `complete` ends with an event's end
+            if self._note_usage(complete[start:end - len(_EVENT_END)]):
+                kept.append(complete[settled:start])
+                settled = end
+            at = _usage_at(complete, end)
+        if not settled:
+            return complete
+        kept.append(complete[settled:])
         return b"".join(kept)
+
+    def _note_usage(self, event: bytes) -> bool:
+        """Record the usage an event carries; whether it is the usage-only chunk to strip."""
+        if not event.startswith(b"data:"):
+            return False
+        try:
+            payload = json.loads(event[5:])
+        except ValueError:
+            return False
+        usage = usage_of(payload)
+        if usage is None:
+            return False
+        self.usage = usage
+        return self.strip_usage and isinstance(payload, dict) and payload.get("choices") == []
 
 
 SHUTDOWN_MESSAGE = "the router is shutting down and its grace period for this request ran out"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from router.dispatch import retry_after_s
 from router.errors import InvalidRequest
 from router.health import Breaker, CircuitState, HealthSnapshot, UpstreamHealth
 from router.policy import Skip, Target, plan
-from router.relay import SseTracker
+from router.relay import SseTracker, usage_of
 from router.schemas import Endpoint, parse_request
 from router.settings import CircuitConfig, ConfigError, Settings, load_settings
 
@@ -220,6 +222,55 @@ def test_sse_tracker_reassembles_events_and_takes_usage():
     quoting.feed(b'data: {"choices": [{"delta": {"content": "streams end with data: [DONE]"}}]}\n\n')
     assert not quoting.done
     assert quoting.feed(b"data:[DONE]\n\n") and quoting.done  # the space after `data:` is optional
+
+
+def _reference_tracking(stream: bytes, strip_usage: bool) -> tuple[bytes, tuple[int, int] | None, bool]:
+    """What SseTracker must give, the slow and obvious way: every event split out and checked alone."""
+    out, usage, done = [], None, False
+    for event in stream.replace(b"\r\n", b"\n").split(b"\n\n")[:-1]:
+        if re.search(rb"(?:^|\n)data: ?\[DONE\]", event):
+            done = True
+        if event.startswith(b"data:") and re.search(rb'"usage"\s*:\s*\{', event):
+            try:
+                payload = json.loads(event[5:])
+            except ValueError:
+                payload = None
+            if (found := usage_of(payload)) is not None:
+                usage = found
+                if strip_usage and isinstance(payload, dict) and payload.get("choices") == []:
+                    continue
+        out.append(event + b"\n\n")
+    return b"".join(out), usage, done
+
+
+_tricky_text = st.sampled_from(
+    ["a", "data: [DONE]", "\ndata: [DONE]\n\n", '"usage": {"prompt_tokens": 1}', "[DONE]", "é"]
+)
+_sse_events = st.one_of(
+    st.builds(lambda text, usage: {"choices": [{"delta": {"content": text}}], "usage": usage},
+              st.lists(_tricky_text, max_size=3).map("".join), st.none() | st.just({"completion_tokens": 4})),
+    st.builds(lambda p, c: {"choices": [], "usage": {"prompt_tokens": p, "completion_tokens": c}},
+              st.integers(0, 99), st.integers(0, 99)),
+    st.just("[DONE]"), st.just(": keep-alive comment"), st.just("data: {not json"),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=st.lists(_sse_events, max_size=8), crlf=st.booleans(), spaced=st.booleans(), strip_usage=st.booleans(),
+       cuts=st.lists(st.integers(0, 4000), max_size=6))
+def test_sse_tracker_gives_what_checking_each_event_alone_gives(events, crlf, spaced, strip_usage, cuts):
+    def encode(event: object) -> bytes:
+        if event == "[DONE]":
+            return b"data:[DONE]" if not spaced else b"data: [DONE]"
+        if isinstance(event, str):
+            return event.encode()
+        return b"data: " + json.dumps(event, separators=(", ", ": ") if spaced else (",", ":")).encode()
+    newline = b"\r\n" if crlf else b"\n"
+    stream = b"".join(encode(e) + newline + newline for e in events)
+    bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    tracker = SseTracker(strip_usage)
+    out = b"".join(tracker.feed(stream[a:b]) for a, b in itertools.pairwise(bounds))
+    assert (out, tracker.usage, tracker.done) == _reference_tracking(stream, strip_usage)
 
 
 def test_parse_request_rewrites_only_the_model_and_usage_option():
