@@ -9,6 +9,7 @@ without LiteLLM.
 from __future__ import annotations
 
 import argparse
+import signal
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -66,9 +67,18 @@ def _overhead(parser: argparse.ArgumentParser, litellm: bool) -> None:
     parser.add_argument("--json-out", type=Path, help="also copy the JSON report to this file")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _run(args: argparse.Namespace) -> int:
     module = import_module(_SUITES[args.suite][0])
-    result: dict[str, Any] = module.run(args)
+    # SIGTERM stops a suite as Ctrl-C does, through every `finally`: the servers it started stop too.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        result: dict[str, Any] = module.run(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 1 if result.get("failed") else 0
 
 
