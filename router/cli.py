@@ -6,13 +6,11 @@ import argparse
 import ipaddress
 import json
 import logging
-import math
 import sys
 from collections.abc import Callable, Sequence
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-import uvicorn
 import yaml
 
 from router.settings import ConfigError, Settings, load_settings
@@ -49,28 +47,18 @@ def client_keys(settings: Settings) -> KeyStore:
 
 def serve_router(settings: Settings) -> None:
     """Run the router until SIGTERM/SIGINT, then drain in-flight requests within the grace period."""
-    from router.app import create_app  # deferred: `check-config` must not need the server stack
+    # Deferred: `check-config` must not need the server stack.
+    import uvicorn
+
+    from router.app import create_app
+    from router.server import server_config
 
     keys = client_keys(settings)
     host = settings.router.host
     if keys.open:
         log.warning("serving without client authentication on %s", host)
     app = create_app(settings, keys=keys)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=settings.router.port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
-        server_header=False,
-        proxy_headers=False,
-        timeout_graceful_shutdown=math.ceil(settings.router.shutdown_grace_s),  # whole seconds, at least the grace
-        ws="none",  # no WebSocket route exists: an Upgrade request is served as plain HTTP
-        timeout_keep_alive=30,
-        log_level="info",
-    )
+    config = server_config(app, settings.router)
     uvicorn.Server(config).run()
 
 

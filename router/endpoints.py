@@ -19,6 +19,7 @@ from router.errors import (
     ModelNotFound,
     OpenWeightError,
     PayloadTooLarge,
+    RequestTimeout,
     ServiceShuttingDown,
     UnsupportedMediaType,
 )
@@ -26,6 +27,7 @@ from router.health import Health
 from router.metrics import NONE, Metrics, RequestObserver
 from router.relay import SHUTDOWN_MESSAGE, relay
 from router.schemas import Endpoint, ParsedRequest, parse_request
+from router.server import READ_TIMED_OUT
 from router.settings import Settings
 
 Scope = dict[str, Any]
@@ -71,6 +73,8 @@ class Request:
             parts.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(parts)
+            if READ_TIMED_OUT in self.scope:  # set by the server when the rest is late
+                raise RequestTimeout("the request body did not arrive in time")
 
     async def respond(self, status: int, body: bytes, headers: dict[str, str] | None = None,
                       content_type: str = "application/json") -> None:

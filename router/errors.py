@@ -9,8 +9,10 @@ OpenWeightError                     500 internal_error
 │   ├── NotFound                    404 invalid_request_error
 │   │   └── ModelNotFound           404 model_not_found
 │   ├── MethodNotAllowed            405
+│   ├── RequestTimeout              408 the request did not arrive in time
 │   ├── PayloadTooLarge             413
 │   ├── UnsupportedMediaType        415
+│   ├── HeadersTooLarge             431
 │   ├── ClientDisconnected          499 (recorded, never sent: the client left mid-request)
 │   └── RateLimited                 429 rate_limit_error (Retry-After)
 └── UpstreamError                   an attempt at one upstream failed; the dispatcher may fall back
@@ -84,6 +86,11 @@ class MethodNotAllowed(ClientError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(ClientError):
+    status = 408
+    code = "request_timeout"
+
+
 class PayloadTooLarge(ClientError):
     status = 413
     code = "payload_too_large"
@@ -92,6 +99,11 @@ class PayloadTooLarge(ClientError):
 class UnsupportedMediaType(ClientError):
     status = 415
     code = "unsupported_media_type"
+
+
+class HeadersTooLarge(ClientError):
+    status = 431
+    code = "request_header_fields_too_large"
 
 
 class ClientDisconnected(ClientError):

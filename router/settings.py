@@ -215,6 +215,14 @@ class RouterConfig(_Strict):
     host: str = Field("127.0.0.1", description="Address to listen on.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
+    max_header_bytes: int = Field(
+        64 * 1024, ge=1024, description="Largest accepted request head (request line and headers); 431 beyond."
+    )
+    request_read_timeout_s: float = Field(
+        30.0, gt=0,
+        description="Time a request (head and body) has to arrive from its first byte; 408 beyond. "
+        "The idle time between requests on a kept-alive connection is not counted.",
+    )
     deadline_s: float = Field(
         120.0, gt=0, description="Total time for all attempts of one request before its first byte."
     )

@@ -15,6 +15,7 @@ import uvicorn
 
 from router.app import create_app
 from router.auth import KeyStore
+from router.server import server_config
 from router.settings import Settings
 from router.testing import FakeUpstream
 
@@ -32,10 +33,9 @@ class RouterServer:
 
     def __init__(self, settings: Settings, keys: KeyStore | None = None) -> None:
         self.app = create_app(settings, keys=keys if keys is not None else KeyStore([]))
-        config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", access_log=False,
-            timeout_graceful_shutdown=5,
-        )
+        # The router's own server configuration, on an ephemeral port.
+        config = server_config(self.app, settings.router, host="127.0.0.1", port=0, log_level="warning",
+                               timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
 

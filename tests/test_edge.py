@@ -249,3 +249,81 @@ def test_a_non_streamed_answer_cut_short_is_a_502_error_not_a_500():
             assert router.metric("openweight_requests_total", upstream="cluster", status="502") == 1
     finally:
         upstream.close()
+
+
+def _raw(port: int, *parts: bytes, pause_s: float = 0.0) -> tuple[int, dict[str, str], bytes]:
+    """Send `parts` (pausing between them), then read until the router closes: status, headers, body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        for i, part in enumerate(parts):
+            if i and pause_s:
+                time.sleep(pause_s)
+            conn.sendall(part)
+        received = b""
+        while chunk := conn.recv(65536):
+            received += chunk
+    if not received:
+        return 0, {}, b""
+    head, _, body = received.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def _openai_error(body: bytes) -> dict[str, object]:
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error  # type: ignore[no-any-return]
+
+
+_HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+
+
+def test_a_request_that_does_not_arrive_in_time_gets_a_408_and_the_connection_closes(fakes):
+    cluster = fakes("cluster")
+    body = json.dumps(chat()).encode()
+    with RouterServer(make_settings(cluster, router={"request_read_timeout_s": 0.5})) as router:
+        status, headers, answer = _raw(router.port, _HEAD)  # the head never ends
+        assert status == 408 and headers["connection"] == "close"
+        assert _openai_error(answer)["code"] == "request_timeout"
+
+        status, headers, answer = _raw(router.port, _HEAD + b"content-length: %d\r\n\r\n" % len(body), body[:10])
+        assert status == 408 and headers["x-request-id"]  # answered by the app: the body never ends
+        assert _openai_error(answer)["code"] == "request_timeout"
+        assert router.metric("openweight_requests_total", model="none", upstream="none", status="408") == 1
+
+        assert _raw(router.port) == (0, {}, b"")  # a connection that sends nothing is closed, unanswered
+    assert cluster.requests == []
+
+
+def test_slow_requests_within_the_timeout_and_idle_kept_alive_connections_are_served(fakes):
+    cluster = fakes("cluster")
+    body = json.dumps(chat()).encode()
+    request = _HEAD + b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+    with RouterServer(make_settings(cluster, router={"request_read_timeout_s": 0.6})) as router:
+        # Byte groups 0.2 s apart: each read leaves the request incomplete, none waits the timeout.
+        status, _, _ = _raw(router.port, request[:20], request[20:60], request[60:], pause_s=0.2)
+        assert status == 200
+        with httpx.Client(base_url=router.url, timeout=10) as client:
+            assert client.post("/v1/chat/completions", json=chat()).status_code == 200
+            time.sleep(1.0)  # idle between requests: the keep-alive timeout's business, not the read timeout's
+            r = client.post("/v1/chat/completions", json=chat())
+            assert r.status_code == 200 and r.extensions["http_version"] == b"HTTP/1.1"
+            assert client.post("/v1/chat/completions", json=chat()).status_code == 200
+        assert len(cluster.requests) == 4
+
+
+def test_an_oversized_request_head_gets_a_431_and_a_malformed_request_an_openai_400(fakes):
+    cluster = fakes("cluster")
+    with RouterServer(make_settings(cluster, router={"max_header_bytes": 2048})) as router:
+        with router.client() as client:  # a head under the limit is fine
+            assert client.post("/v1/chat/completions", json=chat(), headers={"x-pad": "a" * 1500}).status_code == 200
+        many = (_HEAD + b"x-pad: " + b"a" * 1500 + b"\r\n", b"x-more: " + b"b" * 1500)
+        status, headers, answer = _raw(router.port, *many)
+        assert status == 431 and headers["connection"] == "close"
+        assert _openai_error(answer)["code"] == "request_header_fields_too_large"
+        status, _, answer = _raw(router.port, _HEAD + b"x-endless: ", *[b"c" * 1000] * 5)  # one value, never ending
+        assert status == 431
+        status, headers, answer = _raw(router.port, b"NOT AN HTTP REQUEST\r\n\r\n")
+        assert status == 400 and headers["content-type"] == "application/json"
+        assert _openai_error(answer)["type"] == "invalid_request_error"
+    assert len(cluster.requests) == 1
