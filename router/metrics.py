@@ -92,6 +92,10 @@ class Metrics:
     def observe(self, model: str) -> RequestObserver:
         return RequestObserver(self, model)
 
+    def refused(self, status: int) -> None:
+        """A request the server answered itself, before it reached the app (400, 408, 431)."""
+        self.child(self.requests, NONE, NONE, str(status)).inc()
+
 
 class RequestObserver:
     """The metrics of one request; :meth:`finish` records it exactly once."""

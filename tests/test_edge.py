@@ -285,11 +285,12 @@ def test_a_request_that_does_not_arrive_in_time_gets_a_408_and_the_connection_cl
         status, headers, answer = _raw(router.port, _HEAD)  # the head never ends
         assert status == 408 and headers["connection"] == "close"
         assert _openai_error(answer)["code"] == "request_timeout"
+        assert router.metric("openweight_requests_total", model="none", upstream="none", status="408") == 1
 
         status, headers, answer = _raw(router.port, _HEAD + b"content-length: %d\r\n\r\n" % len(body), body[:10])
         assert status == 408 and headers["x-request-id"]  # answered by the app: the body never ends
         assert _openai_error(answer)["code"] == "request_timeout"
-        assert router.metric("openweight_requests_total", model="none", upstream="none", status="408") == 1
+        assert router.metric("openweight_requests_total", model="none", upstream="none", status="408") == 2
 
         assert _raw(router.port) == (0, {}, b"")  # a connection that sends nothing is closed, unanswered
     assert cluster.requests == []
@@ -326,4 +327,6 @@ def test_an_oversized_request_head_gets_a_431_and_a_malformed_request_an_openai_
         status, headers, answer = _raw(router.port, b"NOT AN HTTP REQUEST\r\n\r\n")
         assert status == 400 and headers["content-type"] == "application/json"
         assert _openai_error(answer)["type"] == "invalid_request_error"
+        assert router.metric("openweight_requests_total", model="none", upstream="none", status="431") == 2
+        assert router.metric("openweight_requests_total", model="none", upstream="none", status="400") == 1
     assert len(cluster.requests) == 1
