@@ -18,9 +18,10 @@ from collections.abc import Awaitable, Callable, Mapping
 from router.auth import KeyStore, RateLimiter
 from router.dispatch import Dispatcher
 from router.endpoints import Endpoints, Receive, Request, Scope, Send
-from router.errors import MethodNotAllowed, NotFound, OpenWeightError
+from router.errors import MethodNotAllowed, NotFound, OpenWeightError, ServiceShuttingDown
 from router.health import Health, UpstreamHealth
 from router.metrics import Metrics
+from router.relay import SHUTDOWN_MESSAGE
 from router.schemas import Endpoint
 from router.settings import CLUSTER, Settings, UpstreamConfig
 from router.upstreams.base import Upstream
@@ -87,7 +88,14 @@ class RouterApp:
             if not request.started_response:
                 await request.respond_error(error)
         except asyncio.CancelledError:
-            raise
+            if request.started_response:
+                raise
+            # The server's shutdown grace ran out before this request was answered (its body was
+            # still arriving, say). One being served answers for itself (Endpoints._serve).
+            await request.respond_error(ServiceShuttingDown(SHUTDOWN_MESSAGE))
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
         except Exception:
             log.exception("request %s: unexpected error", request.request_id)
             if not request.started_response:

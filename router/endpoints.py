@@ -19,7 +19,6 @@ from router.errors import (
     ModelNotFound,
     OpenWeightError,
     PayloadTooLarge,
-    RequestTimeout,
     ServiceShuttingDown,
     UnsupportedMediaType,
 )
@@ -27,7 +26,7 @@ from router.health import Health
 from router.metrics import NONE, Metrics, RequestObserver
 from router.relay import SHUTDOWN_MESSAGE, relay
 from router.schemas import Endpoint, ParsedRequest, parse_request
-from router.server import READ_TIMED_OUT
+from router.server import REQUEST_FAILED
 from router.settings import Settings
 
 Scope = dict[str, Any]
@@ -73,8 +72,8 @@ class Request:
             parts.append(chunk)
             if not message.get("more_body", False):
                 return b"".join(parts)
-            if READ_TIMED_OUT in self.scope:  # set by the server when the rest is late
-                raise RequestTimeout("the request body did not arrive in time")
+            if (failed := self.scope.get(REQUEST_FAILED)) is not None:  # the server found the rest late or malformed
+                raise failed
 
     async def respond(self, status: int, body: bytes, headers: dict[str, str] | None = None,
                       content_type: str = "application/json") -> None:

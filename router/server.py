@@ -5,11 +5,19 @@ request head of any size, so a slow or endless client could hold connections and
 request must arrive whole (head and body) within ``router.request_read_timeout_s`` of its first
 byte (a new connection: of its opening), and its head (request line and headers) may take at most
 ``router.max_header_bytes``. Past either the client gets an OpenAI-format 408 or 431 and the
-connection closes. A request uvicorn cannot parse gets an OpenAI-format 400 instead of plain text.
+connection closes. Bytes that are not HTTP/1.1 get an OpenAI-format 400 instead of plain text.
+When the app is already reading the request (its body is late or malformed), the app answers, so
+the request is counted like any other; otherwise the protocol answers and the connection lingers
+a moment, so that the client reads the answer rather than a reset.
 
-A request that arrives in one read, the usual case, starts no timer at all: the timer is only armed
-when a read ends with a request still incomplete. The idle time between requests on a kept-alive
-connection is uvicorn's keep-alive timeout, not this one.
+The timer is only armed when a read ends with a request incomplete: a request that arrives in one
+read, the usual case, starts none. Time that bytes wait on this side (a pipelined request behind an
+answer) is not the client's. Idle time between requests on a kept-alive connection is uvicorn's
+keep-alive timeout; bytes that start no request (blank lines) do not reset it for ever.
+
+httptools reads nothing after the head of a request carrying ``Upgrade`` (e.g. ``curl --http2``
+on ``http://``): such a request without a body is served as plain HTTP and its connection closed
+after it; one with a body is refused (400), as its body would be lost.
 """
 
 from __future__ import annotations
@@ -32,8 +40,8 @@ if TYPE_CHECKING:
 _LINGER_S = 2.0
 """How long a connection answered outside a request (400, 408, 431) still reads before it closes."""
 
-READ_TIMED_OUT = "openweight.read_timed_out"
-"""Set in a request's ASGI scope when its body did not arrive in time: the app answers 408."""
+REQUEST_FAILED = "openweight.request_failed"
+"""Set in a request's ASGI scope to the error its body met (late, malformed): the app answers it."""
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -50,11 +58,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._reading = True  # a request is being read, or awaited on a new connection
-        self._in_head = True
-        self._head_bytes = 0
+        self._reading = True  # bytes of a request are due: a new connection, or bytes since the last request
+        self._begun = False  # a request's first byte was parsed, and it is not complete
+        self._in_head = True  # the next bytes are a request's head
+        self._head_bytes = 0  # bytes received while in a head: bounds an endless one
         self._timer: asyncio.TimerHandle | None = None
-        self._discarding = False
+        self._discarding = False  # this connection reads no more requests
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -67,34 +76,63 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self._discarding:
             return
+        self._reading = True
         if self._in_head:
             self._head_bytes += len(data)
         super().data_received(data)
-        if self.transport.is_closing():
-            return  # answered already (a malformed request)
+        if self._discarding or self.transport.is_closing():
+            return
         if self._in_head and self._head_bytes > self.max_header_bytes:
-            self._refuse(HeadersTooLarge(
-                f"the request line and headers exceed the limit of {self.max_header_bytes} bytes"
-            ))
+            self._refuse(HeadersTooLarge(f"the request head exceeds the limit of {self.max_header_bytes} bytes"))
         elif self._reading and self._timer is None:
             self._arm()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._reading = True
+        self._reading = self._begun = True
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        if len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) > self.max_header_bytes:
+            self._refuse(HeadersTooLarge(f"the request head exceeds the limit of {self.max_header_bytes} bytes"))
+            return
+        upgrade = self.parser.should_upgrade()
+        if upgrade and any(name in (b"content-length", b"transfer-encoding") and value != b"0"
+                           for name, value in self.headers):
+            # The parser reads nothing after the head of an Upgrade request: its body would be lost.
+            self._refuse(InvalidRequest(
+                "protocol upgrades (an Upgrade header, e.g. from curl --http2) are not supported on requests "
+                "with a body: send the request without it"
+            ))
+            return
         super().on_headers_complete()
+        if upgrade:
+            self.cycle.keep_alive = False  # nothing after it on this connection would be read
+
+    def on_body(self, body: bytes) -> None:
+        if not self._discarding:
+            super().on_body(body)
 
     def on_message_complete(self) -> None:
-        self._reading, self._in_head, self._head_bytes = False, True, 0
+        if self._discarding:
+            return
+        self._reading = self._begun = False
+        self._in_head, self._head_bytes = True, 0
         self._disarm()
         super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to bytes that are not an HTTP/1.1 request, in OpenAI format."""
-        self._answer(InvalidRequest("the request is not valid HTTP/1.1"))
+        """uvicorn's answer to bytes that are not HTTP/1.1, in OpenAI format."""
+        cycle = self.cycle
+        if not self._in_head and cycle is not None and not cycle.response_complete:
+            # The body is malformed (e.g. its chunked encoding) while the app reads it: the app answers.
+            self._discarding = True
+            self._fail(cycle, InvalidRequest("the request body is not valid HTTP/1.1"))
+        else:
+            self._refuse(InvalidRequest("the request is not valid HTTP/1.1"))
+
+    def _unsupported_upgrade_warning(self) -> None:
+        pass  # an Upgrade request is served as plain HTTP (see on_headers_complete): nothing to warn of
 
     def _arm(self) -> None:
         self._timer = self.loop.call_later(self.read_timeout_s, self._read_timed_out)
@@ -106,26 +144,42 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _read_timed_out(self) -> None:
         self._timer = None
-        if not self._reading or self.transport.is_closing():
+        if not self._reading or self._discarding or self.transport.is_closing():
+            return
+        if self.flow.read_paused:
+            # The bytes wait on this side (a request pipelined behind an answer, or a body the app
+            # has not taken yet): not the client's delay.
+            self._arm()
             return
         cycle = self.cycle
-        if not self._in_head and cycle is not None and not cycle.response_complete:
-            # Its body is late: the app answers 408 when it reads on, then the connection closes.
-            cycle.keep_alive = False
-            cycle.scope[READ_TIMED_OUT] = True  # type: ignore[literal-required]
-            cycle.message_event.set()
-        elif not self._in_head or not self._head_bytes:
-            # Answered before its body was read, or a connection that never sent a byte: just close.
-            self.transport.close()
+        answering = cycle is not None and not cycle.response_complete
+        late = RequestTimeout(f"the request did not arrive within {self.read_timeout_s:g} s")
+        if not self._in_head and answering:
+            assert cycle is not None
+            self._fail(cycle, late)  # its body is late
+        elif not self._in_head or not self._begun:
+            # Answered before its body was read, or no request began (a connection that sent
+            # nothing, or only blank lines): nothing to answer, the connection closes.
+            if answering:
+                assert cycle is not None
+                cycle.keep_alive = False
+            else:
+                self.transport.close()
         else:
-            self._refuse(RequestTimeout(f"the request did not arrive within {self.read_timeout_s:g} s"))
+            self._refuse(late)
+
+    def _fail(self, cycle: Any, error: OpenWeightError) -> None:
+        """Have the app answer `error` for the request it is reading, then close the connection."""
+        cycle.keep_alive = False
+        cycle.scope[REQUEST_FAILED] = error
+        cycle.message_event.set()
 
     def _refuse(self, error: OpenWeightError) -> None:
-        """Answer `error` for a request whose head never completed, then close the connection."""
+        """Answer `error` for a request the app has not seen, and read nothing more here."""
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
-            # The request before it (pipelined) is still being answered: let it finish, read no
-            # more, then close.
+            # The request before it (pipelined) is still being answered: let it finish, then close.
+            self._discarding = True
             cycle.keep_alive = False
             self.flow.pause_reading()
             return
@@ -175,7 +229,7 @@ def server_config(app: RouterApp, config: RouterConfig, **overrides: Any) -> uvi
         "proxy_headers": False,
         # Whole seconds, at least the grace period.
         "timeout_graceful_shutdown": math.ceil(config.shutdown_grace_s),
-        "ws": "none",  # no WebSocket route exists: an Upgrade request is served as plain HTTP
+        "ws": "none",  # no WebSocket route: an Upgrade request without a body is served as plain HTTP
         "timeout_keep_alive": 30,
         "log_level": "info",
     }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import threading
 import time
@@ -12,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+import uvloop
 
 from router.app import create_app
 from router.auth import KeyStore
@@ -37,7 +37,8 @@ class RouterServer:
         config = server_config(self.app, settings.router, host="127.0.0.1", port=0, log_level="warning",
                                timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=lambda: asyncio.run(self.server.serve()), daemon=True)
+        # The router's own event loop (uvloop), as in production.
+        self.thread = threading.Thread(target=lambda: uvloop.run(self.server.serve()), daemon=True)
 
     def __enter__(self) -> RouterServer:
         self.thread.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from router.auth import KeyStore
 from router.cli import is_loopback
 from router.settings import ApiKey, ConfigError, RateLimit
-from router.testing import FakeUpstream
+from router.testing import Behavior, FakeUpstream
 from tests.conftest import MODEL, RouterServer, chat, make_settings
 
 KEY = "ow-test-key-1"
@@ -329,4 +330,116 @@ def test_an_oversized_request_head_gets_a_431_and_a_malformed_request_an_openai_
         assert _openai_error(answer)["type"] == "invalid_request_error"
         assert router.metric("openweight_requests_total", model="none", upstream="none", status="431") == 2
         assert router.metric("openweight_requests_total", model="none", upstream="none", status="400") == 1
+    assert len(cluster.requests) == 1
+
+
+def _responses(conn: socket.socket, count: int) -> tuple[list[tuple[int, dict[str, str], bytes]], bytes]:
+    """Read `count` answers (content-length or chunked) from `conn`, then what follows until it closes."""
+    buffer, answers = b"", []
+
+    def more() -> bool:
+        nonlocal buffer
+        data = conn.recv(65536)
+        buffer += data
+        return bool(data)
+
+    while len(answers) < count:
+        while b"\r\n\r\n" not in buffer:
+            assert more(), f"closed after {len(answers)} answers"
+        head, _, buffer = buffer.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        body = b""
+        if "content-length" in headers:
+            while len(buffer) < int(headers["content-length"]):
+                assert more()
+            body, buffer = buffer[:int(headers["content-length"])], buffer[int(headers["content-length"]):]
+        else:  # chunked
+            while True:
+                while b"\r\n" not in buffer:
+                    assert more()
+                size = int(buffer.split(b"\r\n", 1)[0], 16)
+                while len(buffer.split(b"\r\n", 1)[1]) < size + 2:
+                    assert more()
+                buffer = buffer.split(b"\r\n", 1)[1]
+                body, buffer = body + buffer[:size], buffer[size + 2:]
+                if not size:
+                    break
+        answers.append((int(lines[0].split()[1]), headers, body))
+    while more():
+        pass
+    return answers, buffer
+
+
+def _post(stream: bool = False, close: bool = False) -> bytes:
+    body = json.dumps(chat(stream=stream)).encode()
+    return _HEAD + (b"connection: close\r\n" if close else b"") + b"content-length: %d\r\n\r\n" % len(body) + body
+
+
+def test_pipelined_requests_are_timed_fairly_and_stray_bytes_do_not_hold_a_connection(fakes):
+    cluster = fakes("cluster")
+    with RouterServer(make_settings(cluster, router={"request_read_timeout_s": 0.8})) as router:
+        def exchange(data: bytes, count: int) -> tuple[list[tuple[int, dict[str, str], bytes]], bytes]:
+            with socket.create_connection(("127.0.0.1", router.port), timeout=20) as conn:
+                conn.sendall(data)
+                return _responses(conn, count)
+
+        # A whole request and the start of the next one in one write: 200, then 408 for the second.
+        (first, second), _ = exchange(_post() + _HEAD, 2)
+        assert (first[0], second[0]) == (200, 408)
+        # A stream that outlasts the timeout, with a pipelined request behind it whose bytes wait
+        # unread on the router's side: both are served.
+        cluster.script(Behavior(chunks=8, chunk_delay_s=0.25))
+        (streamed, plain), rest = exchange(_post(stream=True) + _post(close=True), 2)
+        assert (streamed[0], plain[0]) == (200, 200) and streamed[2].rstrip().endswith(b"data: [DONE]")
+        # The same stream with a pipelined head that never ends: the stream finishes, then the connection closes.
+        cluster.script(Behavior(chunks=8, chunk_delay_s=0.25))
+        (streamed,), rest = exchange(_post(stream=True) + _HEAD, 1)
+        assert streamed[0] == 200 and streamed[2].rstrip().endswith(b"data: [DONE]") and rest == b""
+        # Blank lines between requests start none: they do not keep a connection open.
+        with socket.create_connection(("127.0.0.1", router.port), timeout=20) as conn:
+            conn.sendall(_post())
+            conn.settimeout(0.3)
+            received, closed, deadline = b"", False, time.monotonic() + 10
+            while not closed and time.monotonic() < deadline:
+                try:
+                    conn.sendall(b"\r\n")
+                    chunk = conn.recv(65536)
+                    received, closed = received + chunk, not chunk
+                except TimeoutError:
+                    pass
+                except OSError:
+                    closed = True
+            assert received.startswith(b"HTTP/1.1 200") and closed
+        assert router.metric("openweight_requests_total", model="none", upstream="none", status="499") == 0
+        assert router.metric("openweight_requests_total", model=MODEL, upstream="cluster", status="499") == 0
+
+
+def test_limits_hold_however_the_head_arrives_and_a_malformed_body_is_answered_by_the_app(fakes, caplog):
+    cluster = fakes("cluster")
+    settings = make_settings(cluster, router={"max_header_bytes": 2048, "request_read_timeout_s": 0.5})
+    with RouterServer(settings) as router:
+        big = _post().replace(b"\r\n\r\n", b"\r\nx-pad: " + b"a" * 3000 + b"\r\n\r\n", 1)
+        assert _raw(router.port, big)[0] == 431  # whole, in one write
+        assert _raw(router.port, *(big[i:i + 100] for i in range(0, len(big), 100)))[0] == 431  # in small writes
+        assert _raw(router.port, _post() + big)[0] == 200  # behind a good request: it is answered, then the close
+
+        chunked = _HEAD + b"transfer-encoding: chunked\r\n\r\n" + b"5\r\n{\"mod\r\nZZ not a chunk size\r\n"
+        status, headers, answer = _raw(router.port, chunked)
+        assert status == 400 and headers["x-request-id"]  # the app answered: it was reading the body
+        assert _openai_error(answer)["type"] == "invalid_request_error"
+
+        upgrade = _post().replace(b"\r\n\r\n", b"\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\n"
+                                  b"http2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n", 1)
+        status, _, answer = _raw(router.port, upgrade)
+        assert status == 400 and "Upgrade" in str(_openai_error(answer)["message"])
+        get = b"GET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: h2c\r\n\r\n"
+        status, _, answer = _raw(router.port, get)  # no body to lose: served, then the connection closes
+        assert status == 200 and json.loads(answer)["data"][0]["id"] == MODEL
+
+        assert _raw(router.port, b"GARBAGE " * 400)[0] == 400  # more than the head limit in one read
+        time.sleep(2.5)  # past the read timeout and the lingering close of every connection above
+        for status, count in (("400", 3), ("431", 2)):
+            assert router.metric("openweight_requests_total", model="none", upstream="none", status=status) == count
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
     assert len(cluster.requests) == 1

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -200,3 +201,22 @@ def test_a_websocket_upgrade_is_served_as_plain_http(tmp_path):
             router.stop()
     assert r.status_code == 200, r.text
     assert r.json()["data"][0]["id"] == MODEL
+
+
+def test_sigterm_past_the_grace_period_answers_a_request_whose_body_is_still_arriving(tmp_path):
+    with FakeUpstream("cluster") as cluster, FakeUpstream("prov") as prov:
+        config = write_config(tmp_path / "c.yaml", cluster.url, prov.url, shutdown_grace_s=1)
+        router = RouterProcess(config)
+        with socket.create_connection(("127.0.0.1", router.port), timeout=20) as conn:
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: 100\r\n\r\n{\"model\":")
+            time.sleep(0.3)
+            router.proc.send_signal(signal.SIGTERM)
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        output = router.stop()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503"), answer
+    assert json.loads(body)["error"]["code"] == "shutting_down"
+    assert "Traceback" not in output and cluster.requests == []
