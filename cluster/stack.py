@@ -252,7 +252,8 @@ class LocalStack:
 
     def _start_router(self) -> None:
         self.progress("[4/4] router")
-        command = [sys.executable, "-m", "router.cli", "router", "--config", str(self.config_path)]
+        command = [sys.executable, "-m", "router.cli", "router", "--config", str(self.config_path),
+                   "--exit-with-parent", str(os.getpid())]
         out = self.router_output
         # Its own session: a terminal's Ctrl-C reaches this process, which stops the router (SIGTERM).
         self._router = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT if out else None,

@@ -6,6 +6,8 @@ import argparse
 import ipaddress
 import json
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from importlib import import_module
@@ -62,7 +64,25 @@ def serve_router(settings: Settings) -> None:
     uvicorn.Server(config).run()
 
 
+def exit_with_parent(parent: int) -> None:
+    """Have the kernel send this process SIGTERM when its parent `parent` dies (Linux; elsewhere nothing).
+
+    ``openweight run`` starts the router this way: killed outright (SIGKILL, the OOM killer), it
+    cannot stop its child, which would otherwise keep serving and keep the port.
+    """
+    if sys.platform != "linux":
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the call: no signal will come
+        raise SystemExit(f"openweight router: the parent process {parent} is gone")
+
+
 def _router(args: argparse.Namespace) -> int:
+    if args.exit_with_parent is not None:
+        exit_with_parent(args.exit_with_parent)
     settings = load_settings(args.config)
     router = settings.router
     changes = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
@@ -111,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--port", type=int, help="port to listen on (overrides router.port)")
     router.add_argument(
         "--insecure-no-auth", action="store_true", help="serve without client keys on a non-loopback address"
+    )
+    router.add_argument(
+        "--exit-with-parent", type=int, metavar="PID",
+        help="stop (as on SIGTERM) when process PID, the one that started the router, dies (Linux)",
     )
     router.set_defaults(func=_router)
 

@@ -220,3 +220,45 @@ def test_sigterm_past_the_grace_period_answers_a_request_whose_body_is_still_arr
     assert head.startswith(b"HTTP/1.1 503"), answer
     assert json.loads(body)["error"]["code"] == "shutting_down"
     assert "Traceback" not in output and cluster.requests == []
+
+
+def test_a_router_started_with_exit_with_parent_stops_when_its_parent_is_killed(tmp_path):
+    with FakeUpstream("cluster") as cluster, FakeUpstream("prov") as prov:
+        config = write_config(tmp_path / "c.yaml", cluster.url, prov.url)
+        port = free_port()
+        # A parent that starts the router as `openweight run` does, then is killed outright.
+        parent = subprocess.Popen([sys.executable, "-c", (
+            "import os, subprocess, sys, time\n"
+            f"child = subprocess.Popen([sys.executable, '-m', 'router.cli', 'router', '--config', {str(config)!r},"
+            f" '--port', '{port}', '--exit-with-parent', str(os.getpid())], start_new_session=True)\n"
+            "print(child.pid, flush=True)\n"
+            "time.sleep(600)\n"
+        )], stdout=subprocess.PIPE, text=True)
+        assert parent.stdout is not None
+        router_pid = int(parent.stdout.readline())
+        deadline = time.monotonic() + 30
+        while not _answers(f"http://127.0.0.1:{port}/healthz"):
+            assert time.monotonic() < deadline, "the router did not start"
+            time.sleep(0.1)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while _alive(router_pid):
+            assert time.monotonic() < deadline, "the router outlived its parent"
+            time.sleep(0.1)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state != "Z"  # a zombie is gone, only not yet reaped (its parent was killed)
