@@ -443,3 +443,44 @@ def test_limits_hold_however_the_head_arrives_and_a_malformed_body_is_answered_b
             assert router.metric("openweight_requests_total", model="none", upstream="none", status=status) == count
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
     assert len(cluster.requests) == 1
+
+
+def test_early_answers_trailers_and_pipelined_expect_are_handled(fakes, caplog):
+    cluster = fakes("cluster")
+    settings = make_settings(cluster, router={"request_read_timeout_s": 1.0, "max_body_bytes": 2048,
+                                              "max_header_bytes": 2048})
+    with RouterServer(settings, timeout_keep_alive=1) as router:
+        # Answered before its body arrived (415), then the body, then idle: closed at the keep-alive timeout.
+        with socket.create_connection(("127.0.0.1", router.port), timeout=20) as conn:
+            conn.sendall(_post().replace(b"application/json", b"text/plain").split(b"\r\n\r\n")[0] + b"\r\n\r\n")
+            time.sleep(0.3)
+            conn.sendall(json.dumps(chat()).encode())
+            (answer,), _ = _responses(conn, 1)  # then reads until the router closes
+        assert answer[0] == 415
+        # Trailers past the request's bound: the app answers 413 and nothing grows without limit.
+        status, _, _ = _raw(router.port, _HEAD + b"transfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n",
+                            *[b"x-trailer: " + b"t" * 1000 + b"\r\n"] * 100)
+        assert status == 413
+        # A pipelined request whose client waits for 100 Continue, behind a stream outlasting the timeout.
+        cluster.script(Behavior(chunks=6, chunk_delay_s=0.3))
+        body = json.dumps(chat()).encode()
+        with socket.create_connection(("127.0.0.1", router.port), timeout=20) as conn:
+            conn.sendall(_post(stream=True) + _HEAD + b"expect: 100-continue\r\nconnection: close\r\n"
+                         b"content-length: %d\r\n\r\n" % len(body))
+            received = b""
+            while b"100 Continue" not in received:
+                chunk = conn.recv(65536)
+                assert chunk, received
+                received += chunk
+            conn.sendall(body)
+            while chunk := conn.recv(65536):
+                received += chunk
+        assert received.startswith(b"HTTP/1.1 200") and received.count(b"HTTP/1.1 200") == 2, received[-300:]
+        # An oversized head with a request behind it in the same write: one answer, nothing else runs.
+        big = _post().replace(b"\r\n\r\n", b"\r\nx-pad: " + b"a" * 3000 + b"\r\n\r\n", 1)
+        with socket.create_connection(("127.0.0.1", router.port), timeout=20) as conn:
+            conn.sendall(big + b"GET /v1/models HTTP/1.1\r\nhost: x\r\n\r\n")
+            (answer,), rest = _responses(conn, 1)
+        assert answer[0] == 431 and rest == b""
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+    assert len(cluster.requests) == 2
