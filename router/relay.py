@@ -113,10 +113,9 @@ class SseTracker:
             complete, self._pending = data[:end], data[end:]
         if _DONE in complete and _ends_stream(complete):
             self.done = True
-        if _USAGE_KEY in complete:
-            at = _usage_at(complete)
-            if at >= 0:
-                complete = self._take_usage(complete, at)
+        at = _usage_at(complete)  # most chunks carry the key (`"usage": null`): one search, not two
+        if at >= 0:
+            complete = self._take_usage(complete, at)
         return complete
 
     def _take_usage(self, complete: bytes, at: int) -> bytes:

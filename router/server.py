@@ -89,16 +89,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._discarding or self.transport.is_closing():
             return
         if self._in_head and self._bytes > self.max_header_bytes:
-            self._refuse(HeadersTooLarge(f"the request head exceeds the limit of {self.max_header_bytes} bytes"))
+            self._refuse(self._head_too_large())
         elif not self._in_head and self._bytes > self.max_request_bytes:
             # Past any body the app accepts (it answers 413 on its own from the body's size): an
             # endless body or trailer, or the rest of one answered already.
-            self._discarding = True
-            cycle = self.cycle
-            if cycle is not None and not cycle.response_complete:
-                self._fail(cycle, PayloadTooLarge("the request body exceeds the router's limit"))
-            else:
-                self.transport.close()
+            self._abandon_body(PayloadTooLarge("the request body exceeds the router's limit"))
         elif self._reading and self._timer is None:
             self._arm()
 
@@ -118,7 +113,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._in_head = False
         if len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers) > self.max_header_bytes:
-            self._refuse(HeadersTooLarge(f"the request head exceeds the limit of {self.max_header_bytes} bytes"))
+            self._refuse(self._head_too_large())
             return
         upgrade = self.parser.should_upgrade()
         if upgrade and any(name in (b"content-length", b"transfer-encoding") and value != b"0"
@@ -168,16 +163,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         """uvicorn's answer to bytes that are not HTTP/1.1, in OpenAI format."""
         if self._discarding:
             return
-        cycle = self.cycle
         if self._in_head:
             self._refuse(InvalidRequest("the request is not valid HTTP/1.1"))
-            return
-        # The body is malformed (e.g. its chunked encoding).
-        self._discarding = True
-        if cycle is not None and not cycle.response_complete:
-            self._fail(cycle, InvalidRequest("the request body is not valid HTTP/1.1"))  # the app answers
-        else:
-            self.transport.close()  # answered already, before its body was read: no second answer
+        else:  # the body is malformed (e.g. its chunked encoding)
+            self._abandon_body(InvalidRequest("the request body is not valid HTTP/1.1"))
 
     def _unsupported_upgrade_warning(self) -> None:
         pass  # an Upgrade request is served as plain HTTP (see on_headers_complete): nothing to warn of
@@ -215,6 +204,19 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self.transport.close()
         else:
             self._refuse(late)
+
+    def _head_too_large(self) -> HeadersTooLarge:
+        return HeadersTooLarge(f"the request head exceeds the limit of {self.max_header_bytes} bytes")
+
+    def _abandon_body(self, error: OpenWeightError) -> None:
+        """Read no more of this request's body: the app answers `error` if it is still reading it;
+        if the request was answered already (before its body was read), the connection just closes."""
+        self._discarding = True
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            self._fail(cycle, error)
+        else:
+            self.transport.close()
 
     def _fail(self, cycle: Any, error: OpenWeightError) -> None:
         """Have the app answer `error` for the request it is reading, then close the connection."""

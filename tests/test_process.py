@@ -19,6 +19,7 @@ import httpx
 import pytest
 import yaml
 
+from router.bench.harness import answers
 from router.testing import Behavior, FakeUpstream
 from tests.conftest import MODEL, chat, free_port
 
@@ -237,7 +238,7 @@ def test_a_router_started_with_exit_with_parent_stops_when_its_parent_is_killed(
         assert parent.stdout is not None
         router_pid = int(parent.stdout.readline())
         deadline = time.monotonic() + 30
-        while not _answers(f"http://127.0.0.1:{port}/healthz"):
+        while not answers(f"http://127.0.0.1:{port}/healthz"):
             assert time.monotonic() < deadline, "the router did not start"
             time.sleep(0.1)
         parent.kill()
@@ -246,13 +247,6 @@ def test_a_router_started_with_exit_with_parent_stops_when_its_parent_is_killed(
         while _alive(router_pid):
             assert time.monotonic() < deadline, "the router outlived its parent"
             time.sleep(0.1)
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _alive(pid: int) -> bool:
