@@ -120,7 +120,7 @@ class RateLimiter:
         if limit is None:
             return
         rate = limit.requests_per_minute / 60.0
-        capacity = float(limit.burst or max(1, int(limit.requests_per_minute)))
+        capacity = float(limit.capacity)
         now = self._clock()
         tokens, last = self._buckets.get(principal.name, (capacity, now))
         tokens = min(capacity, tokens + (now - last) * rate)

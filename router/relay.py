@@ -98,25 +98,43 @@ class SseTracker:
         self._pending = b""
 
     def feed(self, chunk: bytes) -> bytes:
-        """The complete events in `chunk` (plus what was held back), ready to forward."""
+        """The complete events in `chunk` (plus what was held back), ready to forward.
+
+        Line ends are forwarded as ``\\n`` whichever of CRLF, LF or a bare CR (all three are SSE
+        line ends) the upstream used.
+        """
         data = self._pending + chunk if self._pending else chunk
-        if b"\r\n" in data:
+        held_cr = b""
+        if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
+            if data.endswith(b"\r"):  # maybe half of a CRLF whose LF is in the next chunk
+                data, held_cr = data[:-1], b"\r"
+            data = data.replace(b"\r", b"\n")
         end = data.rfind(_EVENT_END)
         if end < 0:
-            self._pending = data
+            self._pending = data + held_cr
             return b""
         end += len(_EVENT_END)
-        if end == len(data):  # the usual case: the chunk ends with an event; no copies
+        if end == len(data) and not held_cr:  # the usual case: the chunk ends with an event; no copies
             complete, self._pending = data, b""
         else:
-            complete, self._pending = data[:end], data[end:]
+            complete, self._pending = data[:end], data[end:] + held_cr
         if _DONE in complete and _ends_stream(complete):
             self.done = True
         at = _usage_at(complete)  # most chunks carry the key (`"usage": null`): one search, not two
         if at >= 0:
             complete = self._take_usage(complete, at)
         return complete
+
+    def finish(self) -> bytes:
+        """At the end of the body: a last ``data: [DONE]`` that lacked its blank line, completed
+        (the upstream closed right after it). Any other unfinished event is dropped."""
+        rest = self._pending.replace(b"\r", b"\n").rstrip(b"\n")
+        self._pending = b""
+        if rest in _DONE_LINES:
+            self.done = True
+            return rest + _EVENT_END
+        return b""
 
     def _take_usage(self, complete: bytes, at: int) -> bytes:
         """Note the usage of each event that carries one (the first at `at`) and drop the usage-only
@@ -161,16 +179,13 @@ def error_event(message: str) -> bytes:
 
 
 def response_headers(committed: Committed, request_id: str) -> list[tuple[bytes, bytes]]:
-    upstream = committed.response.headers
-    headers = [
-        (b"content-type", upstream.get("content-type", "application/json").encode("latin-1")),
+    """The headers the client gets: the upstream's content type (checked at the upstream) and ours."""
+    return [
+        (b"content-type", committed.response.headers.get("content-type", "application/json").encode("latin-1")),
         (b"x-openweight-upstream", committed.target.upstream.encode()),
         (b"x-openweight-attempts", str(committed.attempts).encode()),
         (b"x-request-id", request_id.encode()),
     ]
-    if "content-encoding" in upstream:
-        headers.append((b"content-encoding", upstream["content-encoding"].encode("latin-1")))
-    return headers
 
 
 async def relay(client: Responder, committed: Committed, observer: RequestObserver, *, strip_usage: bool) -> int:
@@ -186,7 +201,7 @@ async def relay(client: Responder, committed: Committed, observer: RequestObserv
         "text/event-stream"
     )
     if not event_stream:
-        body = await response.aread()
+        body = response.redact(await response.aread())
         if response.status < 300 and b'"usage"' in body:
             try:
                 usage = usage_of(json.loads(body))
@@ -209,13 +224,16 @@ async def relay(client: Responder, committed: Committed, observer: RequestObserv
     out = tracker.feed(response.first_chunk)
     if out:
         observer.first_byte()
-        await send({"type": "http.response.body", "body": out, "more_body": True})
+        await send({"type": "http.response.body", "body": response.redact(out), "more_body": True})
     try:
         while chunk := await response.read_chunk():
             out = tracker.feed(chunk)
             if out:
                 observer.first_byte()
-                await send({"type": "http.response.body", "body": out, "more_body": True})
+                await send({"type": "http.response.body", "body": response.redact(out), "more_body": True})
+        if out := tracker.finish():
+            observer.first_byte()
+            await send({"type": "http.response.body", "body": out, "more_body": True})
     except UpstreamError as exc:
         failure = f"the upstream stream broke: {exc.message}"
     except asyncio.CancelledError:

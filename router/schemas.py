@@ -2,6 +2,10 @@
 
 Everything else is forwarded untouched; only `model` is rewritten to each upstream's own id, and a
 stream asks its upstream for the usage chunk (stripped again if the client did not ask for it).
+
+A body is refused (400) unless it is strict JSON (RFC 8259): no `NaN`/`Infinity`, and no top-level
+key twice. JSON parsers disagree on which of two equal keys wins, so with a duplicate the router
+could decide on one value (the model, whether to stream) while the upstream acts on the other.
 """
 
 from __future__ import annotations
@@ -16,7 +20,13 @@ from router.errors import InvalidRequest
 
 _WHITESPACE = " \t\n\r"
 _SPACE = re.compile(r"[ \t\n\r]*")
-_DECODER = json.JSONDecoder()
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
 _SCAN_STRING = json.decoder.scanstring  # type: ignore[attr-defined]
 _SCAN_VALUE: Any = _DECODER.scan_once  # type: ignore[attr-defined]
 _encode_string = json.encoder.encode_basestring
@@ -63,7 +73,8 @@ class ParsedRequest:
             data["model"] = model_id
             if add_usage:
                 data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": True}
-            return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+            # ASCII escapes: a lone surrogate the client sent as `\\ud800` stays an escape, never a 500.
+            return json.dumps(data, separators=(",", ":")).encode()
         edits = []  # (start, end, replacement) in the text
         if self.model != model_id:
             edits.append((*self.spans["model"], _encode_string(model_id)))
@@ -74,7 +85,7 @@ class ParsedRequest:
                 edits.append((brace, brace, _ASK_USAGE))
             else:
                 options = {**(self.data.get("stream_options") or {}), "include_usage": True}
-                edits.append((*where, json.dumps(options, ensure_ascii=False, separators=(",", ":"))))
+                edits.append((*where, json.dumps(options, separators=(",", ":"))))
         edits.sort()
         if len(self.text) != len(self.raw):  # not all ASCII: text offsets are not byte offsets
             return "".join(_pieces(self.text, edits)).encode()
@@ -92,10 +103,33 @@ def _pieces(whole: Any, edits: list[tuple[int, int, Any]]) -> list[Any]:
     return pieces
 
 
+class _Duplicate(Exception):
+    """A top-level key that appears twice."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` that refuses any object with a key twice."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise _Duplicate(key)
+        data[key] = value
+    return data
+
+
+def _duplicate(key: str) -> InvalidRequest:
+    return InvalidRequest(f"the request body has the key {key!r} more than once", param=key)
+
+
 def _scan_object(text: str) -> tuple[dict[str, Any], Spans] | None:
     """A JSON object and the span of each top-level value, or None for anything else or any error
     (then :func:`json.loads` gives the verdict and its message). Keys and values are decoded by the
-    json module's own C scanner, so this costs little more than ``json.loads``."""
+    json module's own C scanner, so this costs little more than ``json.loads``. Raises
+    :class:`_Duplicate` for a top-level key seen twice."""
     space, scan_key, scan_value = _SPACE.match, _SCAN_STRING, _SCAN_VALUE
     data: dict[str, Any] = {}
     spans: Spans = {}
@@ -119,6 +153,8 @@ def _scan_object(text: str) -> tuple[dict[str, Any], Spans] | None:
             at += 1
             if text[at] in _WHITESPACE:
                 at = at + 1 if text[at + 1] not in _WHITESPACE else space(text, at).end()  # type: ignore[union-attr]
+            if key in spans:
+                raise _Duplicate(key)
             data[key], end = scan_value(text, at)
             spans[key] = (at, end)
             at = end
@@ -142,13 +178,18 @@ def parse_request(endpoint: Endpoint, body: bytes) -> ParsedRequest:
         text = body.decode(json.detect_encoding(body))  # strict: a lone surrogate could not be re-encoded
     except UnicodeDecodeError:
         raise InvalidRequest("the request body is not valid UTF-8") from None
-    scanned = _scan_object(text)
+    try:
+        scanned = _scan_object(text)
+    except _Duplicate as dup:
+        raise _duplicate(dup.key) from None
     spans: Spans | None = None
     if scanned is not None:
         data, spans = scanned
     else:
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_constant=_refuse_constant)
+        except _Duplicate as dup:
+            raise _duplicate(dup.key) from None
         except ValueError as exc:
             raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
         except RecursionError:
@@ -168,6 +209,12 @@ def parse_request(endpoint: Endpoint, body: bytes) -> ParsedRequest:
     if stream and endpoint is Endpoint.EMBEDDINGS:
         raise InvalidRequest("embeddings cannot be streamed", param="stream")
     options = data.get("stream_options")
+    if spans is not None and "stream_options" in spans:
+        # The router reads `include_usage`: a key twice inside would leave the usage chunk to the upstream's parser.
+        try:
+            json.loads(text[slice(*spans["stream_options"])], object_pairs_hook=_pairs)
+        except _Duplicate as dup:
+            raise _duplicate(f"stream_options.{dup.key}") from None
     if options is not None and not isinstance(options, dict):
         raise InvalidRequest("`stream_options` must be an object", param="stream_options")
     if options is not None and not stream:

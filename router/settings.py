@@ -13,6 +13,7 @@ there, so that the router does not depend on Ray or vLLM.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -169,10 +170,20 @@ class RetryConfig(_Strict):
 
 
 class RateLimit(_Strict):
-    """A token bucket: `requests_per_minute`, bursting up to `burst`."""
+    """A token bucket: `requests_per_minute` on average, at most `burst` at once."""
 
-    requests_per_minute: float = Field(gt=0)
-    burst: int | None = Field(None, ge=1, description="Defaults to requests_per_minute (at least 1).")
+    requests_per_minute: float = Field(gt=0, description="Average request rate allowed.")
+    burst: int | None = Field(
+        None,
+        ge=1,
+        description="Requests allowed at once after a quiet spell. Default: one second's worth of the rate, "
+        "at least 1 (300/minute: 5 at once, then one every 0.2 s), not a whole minute's worth.",
+    )
+
+    @property
+    def capacity(self) -> int:
+        """The bucket's size: `burst`, or one second's worth of the rate (at least 1)."""
+        return self.burst or max(1, math.ceil(self.requests_per_minute / 60.0))
 
 
 class ApiKey(_Strict):
