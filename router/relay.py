@@ -127,14 +127,19 @@ class SseTracker:
         return complete
 
     def finish(self) -> bytes:
-        """At the end of the body: a last ``data: [DONE]`` that lacked its blank line, completed
-        (the upstream closed right after it). Any other unfinished event is dropped."""
-        rest = self._pending.replace(b"\r", b"\n").rstrip(b"\n")
+        """At the end of the body: what a held-back CR completes, and a last ``data: [DONE]`` that
+        lacked its blank line (the upstream closed right after it), completed. Any other unfinished
+        event is dropped."""
+        out = b""
+        if self._pending.endswith(b"\r"):  # held back in case an LF followed; at the end it is a line end
+            self._pending = self._pending[:-1] + b"\n"
+            out = self.feed(b"")
+        rest = self._pending.rstrip(b"\n")
         self._pending = b""
         if rest in _DONE_LINES:
             self.done = True
-            return rest + _EVENT_END
-        return b""
+            out += rest + _EVENT_END
+        return out
 
     def _take_usage(self, complete: bytes, at: int) -> bytes:
         """Note the usage of each event that carries one (the first at `at`) and drop the usage-only

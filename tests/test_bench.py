@@ -134,3 +134,19 @@ def test_e2e_engine_args_are_key_value_pairs_with_yaml_values(capsys: pytest.Cap
         main(["bench", "e2e", "--engine-arg", "stream_interval"])
     assert exit_.value.code == 2
     assert "expected KEY=VALUE, got 'stream_interval'" in capsys.readouterr().err
+
+
+def test_charts_draw_whatever_the_figures_are(tmp_path: Path) -> None:
+    """A short run can measure 0 CPU ticks (/proc counts 10 ms ticks): the log-scaled charts still draw."""
+    from router.bench import failover, overhead
+
+    machine = {"cores": 2}
+    for cpu in (0.0, 1.5):
+        figures = {"cpu_ms_per_request": cpu, "upstream_cpu_ms_per_request": cpu, "rps": cpu, "p50_ms": cpu}
+        rows = [{"target": t, "mode": m, "concurrency": c, **figures}
+                for t in ("direct", "openweight") for m in ("plain", "stream") for c in (1, 8)]
+        overhead.chart({"rows": rows, "date": "2026-12-06", "machine": machine}).savefig(tmp_path / f"o{cpu}.png")
+        requests = [{"ttft_ms": cpu}] * 3
+        result = {"rows": [{"fault": "refused", "router": "openweight", "requests": requests, "healthy_ttft_ms": cpu}],
+                  "date": "2026-12-06"}
+        failover.chart(result).savefig(tmp_path / f"f{cpu}.png")

@@ -185,7 +185,7 @@ def chart(result: dict[str, Any]) -> Any:
             color = colors.get(row["router"], "tab:gray")
             ax.plot(range(1, len(seq) + 1), [q["ttft_ms"] for q in seq], "-o", color=color, markersize=3,
                     label=f"{row['router']} (healthy {row['healthy_ttft_ms']} ms)")
-        ax.set_yscale("log")
+        report.log_axis(ax, "y")
         ax.set_title(f"primary: {fault}", fontsize=9)
         ax.set_xlabel("request after the fault began")
         ax.set_ylabel("TTFT, ms")

@@ -184,12 +184,12 @@ def chart(result: dict[str, Any]) -> Any:
     levels = sorted({r["concurrency"] for r in rows})
     for ax, title in ((cpu_ax, "CPU ms per request (gray: the fake upstream)"), (rps_ax, "requests/s"),
                       (p50_ax, "p50 latency, ms")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        report.log_axis(ax, "x", base=2)
+        logarithmic = report.log_axis(ax, "y")
         ax.set_xticks(levels, [str(level) for level in levels])
         ax.minorticks_off()
         ax.set_xlabel("concurrency")
-        ax.set_title(title + " (log)", fontsize=9)
+        ax.set_title(title + (" (log)" if logarithmic else ""), fontsize=9)
         ax.grid(True, alpha=0.3)
     rps_ax.legend(fontsize=7, loc="lower left")
     return fig

@@ -28,9 +28,12 @@ _MEDIA_TYPE = re.compile(
 
 
 def _forms(secret: str) -> set[bytes]:
-    """The ways `secret` may come back: as sent, JSON-escaped (also with ``\\/``) and percent-encoded."""
+    """The ways `secret` may come back: as sent, JSON-escaped (also with ``\\/``) and percent-encoded
+    (upper- or lower-case hex)."""
     escaped = json.dumps(secret)[1:-1]
-    return {form.encode() for form in (secret, escaped, escaped.replace("/", "\\/"), quote(secret, safe=""))}
+    percent = quote(secret, safe="")
+    lower = re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), percent)
+    return {form.encode() for form in (secret, escaped, escaped.replace("/", "\\/"), percent, lower)}
 
 
 class Credentials:
