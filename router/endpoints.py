@@ -25,6 +25,7 @@ from router.errors import (
 from router.health import Health
 from router.metrics import NONE, Metrics, RequestObserver
 from router.relay import SHUTDOWN_MESSAGE, relay
+from router.resume import Resumer, eligible
 from router.schemas import Endpoint, ParsedRequest, parse_request
 from router.server import REQUEST_FAILED
 from router.settings import Settings
@@ -168,8 +169,12 @@ class Endpoints:
         try:
             committed = await self.dispatcher.dispatch(parsed, plan, request.request_id, observer)
             observer.upstream = committed.target.upstream
+            resumer = None
+            if self.settings.router.max_resumes and eligible(parsed):
+                resumer = Resumer(self.settings, self.dispatcher, parsed, plan, request.request_id, observer)
             try:
-                status = await relay(request, committed, observer, strip_usage=parsed.stream and not parsed.wants_usage)
+                status = await relay(request, committed, observer, strip_usage=parsed.stream and not parsed.wants_usage,
+                                     resumer=resumer)
                 serving = False
                 return status
             finally:

@@ -12,12 +12,16 @@ import asyncio
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from router.dispatch import Committed
 from router.errors import UpstreamError
-from router.metrics import RequestObserver
+from router.metrics import NONE, RESUME_FAILED, RESUME_SUCCESS, RequestObserver
+from router.resume import Delivered, Resumer
+from router.schemas import usage_of
+from router.upstreams.base import UpstreamResponse
 
 log = logging.getLogger("openweight.router")
 
@@ -50,20 +54,6 @@ def _ends_stream(data: bytes) -> bool:
                 return True
         at = data.find(_DONE, end)
     return False
-
-
-def usage_of(payload: object) -> tuple[int, int] | None:
-    """(prompt, completion) tokens of a decoded response or chunk that carries `usage`."""
-    if not isinstance(payload, dict):
-        return None
-    usage = payload.get("usage")
-    if not isinstance(usage, dict):
-        return None
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    return (
-        prompt if isinstance(prompt, int) else 0,
-        completion if isinstance(completion, int) else 0,
-    )
 
 
 _USAGE_KEY = b'"usage"'
@@ -193,8 +183,12 @@ def response_headers(committed: Committed, request_id: str) -> list[tuple[bytes,
     ]
 
 
-async def relay(client: Responder, committed: Committed, observer: RequestObserver, *, strip_usage: bool) -> int:
+async def relay(client: Responder, committed: Committed, observer: RequestObserver, *, strip_usage: bool,
+                resumer: Resumer | None = None) -> int:
     """Send the committed answer to the client; returns the status sent.
+
+    A stream that breaks is continued through `resumer` when it is given and the break allows it;
+    otherwise it ends with an in-band error event and `data: [DONE]`.
 
     A non-streamed answer is read whole before anything is sent, so an upstream that breaks while
     sending it raises :class:`UpstreamError` with no response started (the client gets a 502 JSON).
@@ -224,32 +218,13 @@ async def relay(client: Responder, committed: Committed, observer: RequestObserv
     headers.append((b"cache-control", b"no-cache"))
     client.started_response = True
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    tracker = SseTracker(strip_usage)
-    failure: str | None = None
-    out = tracker.feed(response.first_chunk)
-    if out:
-        observer.first_byte()
-        await send({"type": "http.response.body", "body": response.redact(out), "more_body": True})
     try:
-        while chunk := await response.read_chunk():
-            out = tracker.feed(chunk)
-            if out:
-                observer.first_byte()
-                await send({"type": "http.response.body", "body": response.redact(out), "more_body": True})
-        if out := tracker.finish():
-            observer.first_byte()
-            await send({"type": "http.response.body", "body": out, "more_body": True})
-    except UpstreamError as exc:
-        failure = f"the upstream stream broke: {exc.message}"
+        failure = await _stream(client, committed, observer, strip_usage, resumer)
     except asyncio.CancelledError:
         # The client left (then this send does nothing) or the router's shutdown grace ran out:
         # either way the stream ends as a stream, not as a cut connection.
         await send({"type": "http.response.body", "body": error_event(SHUTDOWN_MESSAGE), "more_body": False})
         raise
-    if failure is None and not tracker.done:
-        failure = f"{committed.target.upstream}: the upstream stream ended without [DONE]"
-    if tracker.usage is not None:
-        observer.usage(*tracker.usage)
     if failure is not None:
         log.warning("request %s: %s", request_id, failure)
         observer.stream_error()
@@ -257,3 +232,123 @@ async def relay(client: Responder, committed: Committed, observer: RequestObserv
     else:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     return response.status
+
+
+async def _stream(client: Responder, committed: Committed, observer: RequestObserver, strip_usage: bool,
+                  resumer: Resumer | None) -> str | None:
+    """Relay a stream, continuing it through `resumer` each time it breaks and may be continued.
+
+    Returns why it ended broken, or None when it ended with `[DONE]`.
+    """
+    sent: list[bytes] | None = [] if resumer is not None else None  # what the client has, to continue from
+    part = _Part(committed.target.upstream, committed.response, None, None)
+    continuations: list[Committed] = []
+    try:
+        while True:
+            part_start = len(sent) if sent is not None else 0
+            tracker = SseTracker(strip_usage)
+            failure = await _pump(client.send, part, tracker, observer, sent)
+            if failure is None or resumer is None or sent is None:
+                if tracker.usage is not None:
+                    observer.usage(*tracker.usage, upstream=part.upstream)
+                return failure
+            delivered = Delivered.read(resumer.endpoint, b"".join(sent))
+            own = Delivered.read(resumer.endpoint, b"".join(sent[part_start:]))
+            used = tracker.usage or own.usage or (0, own.content_events)
+            observer.usage(*used, upstream=part.upstream)
+            why_not = resumer.why_not(delivered, part.upstream)
+            if why_not is not None:
+                return f"{failure} (not continued: {why_not})"
+            try:
+                resumed = await resumer.resume(delivered, part.upstream, used)
+            except UpstreamError as exc:
+                observer.stream_resume(part.upstream, NONE, RESUME_FAILED)
+                return f"{failure}; no upstream could continue it: {exc.message}"
+            observer.stream_resume(part.upstream, resumed.committed.target.upstream, RESUME_SUCCESS)
+            log.info("request %s: %s; continued on %s", client.request_id, failure, resumed.committed.target.upstream)
+            continuations.append(resumed.committed)
+            part = _Part(resumed.committed.target.upstream, resumed.committed.response, resumed.rewrite,
+                         resumed.gap_started)
+    finally:
+        for continuation in continuations:
+            continuation.release()
+            await continuation.response.aclose()
+
+
+class _Part:
+    """One upstream's part of a client's stream."""
+
+    __slots__ = ("gap_started", "response", "rewrite", "upstream")
+
+    def __init__(self, upstream: str, response: UpstreamResponse, rewrite: Callable[[bytes], bytes] | None,
+                 gap_started: float | None) -> None:
+        self.upstream = upstream
+        self.response = response
+        self.rewrite = rewrite
+        """Makes a continuation's events part of the first part's stream (None for the first part)."""
+        self.gap_started = gap_started
+        """When the part before it broke (the pause the client sees ends with this part's first byte)."""
+
+
+async def _pump(send: Callable[[dict[str, Any]], Awaitable[None]], part: _Part, tracker: SseTracker,
+                observer: RequestObserver, sent: list[bytes] | None) -> str | None:
+    """Forward one part's events; why it broke, or None when it ended with `[DONE]`.
+
+    With `sent` (the stream may be continued), an upstream's in-band error event is a break too,
+    and everything forwarded is kept there.
+    """
+    response = part.response
+    chunk = response.first_chunk
+    try:
+        while True:
+            out = tracker.feed(chunk) if chunk else b""
+            if not chunk:
+                out = tracker.finish()
+            if out:
+                broke: str | None = None
+                if sent is not None and _ERROR_KEY in out:
+                    out, broke = _until_error_event(out)
+                out = response.redact(out)
+                if part.rewrite is not None:
+                    out = part.rewrite(out)
+                if out:
+                    observer.first_byte()
+                    if part.gap_started is not None:
+                        observer.resume_gap(time.perf_counter() - part.gap_started)
+                        part.gap_started = None
+                    if sent is not None:
+                        sent.append(out)
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                if broke is not None:
+                    return f"{part.upstream}: {broke}"
+            if not chunk:
+                break
+            chunk = await response.read_chunk()
+    except UpstreamError as exc:
+        return f"the upstream stream broke: {exc.message}"
+    if not tracker.done:
+        return f"{part.upstream}: the upstream stream ended without [DONE]"
+    return None
+
+
+_ERROR_KEY = b'"error"'
+
+
+def _until_error_event(events: bytes) -> tuple[bytes, str | None]:
+    """`events` up to an in-band error event (``data: {"error": ...}``), and its message; all of
+    them and None when there is none."""
+    at = 0
+    while at < len(events):
+        end = events.find(_EVENT_END, at) + len(_EVENT_END)
+        event = events[at:end]
+        if _ERROR_KEY in event and event.startswith(b"data:"):
+            try:
+                payload = json.loads(event[5:])
+            except ValueError:
+                payload = None
+            if isinstance(payload, dict) and "error" in payload:
+                error = payload["error"]
+                message = error.get("message") if isinstance(error, dict) else None
+                return events[:at], f"an error event in the stream ({str(message)[:200] if message else 'no message'})"
+        at = end
+    return events, None

@@ -221,3 +221,17 @@ def parse_request(endpoint: Endpoint, body: bytes) -> ParsedRequest:
         raise InvalidRequest("`stream_options` is only allowed when `stream` is true", param="stream_options")
     wants_usage = bool(options and options.get("include_usage") is True)
     return ParsedRequest(endpoint, model, stream, wants_usage, data, body, text if spans else "", spans)
+
+
+def usage_of(payload: object) -> tuple[int, int] | None:
+    """(prompt, completion) tokens of a decoded response or chunk that carries `usage`."""
+    if not isinstance(payload, dict):
+        return None
+    usage = payload.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return (
+        prompt if isinstance(prompt, int) else 0,
+        completion if isinstance(completion, int) else 0,
+    )

@@ -48,6 +48,20 @@ class Policy(StrEnum):
     SPILLOVER = "spillover"
 
 
+class Continuation(StrEnum):
+    """How an upstream takes the rest of a broken chat stream: the original messages plus an
+    assistant message holding the text so far, in the form it understands."""
+
+    NONE = "none"
+    """It cannot continue a stream: a stream that breaks ends with an error event."""
+    CONTINUE_FINAL_MESSAGE = "continue_final_message"
+    """vLLM and SGLang: `continue_final_message: true` with `add_generation_prompt: false`."""
+    PREFIX = "prefix"
+    """The assistant message carries `"prefix": true` (Mistral, DeepSeek)."""
+    TRAILING_ASSISTANT = "trailing_assistant"
+    """A trailing assistant message alone is continued."""
+
+
 class CircuitConfig(_Strict):
     """Circuit breaker of one upstream."""
 
@@ -119,6 +133,11 @@ class ProviderConfig(UpstreamConfig):
         "is named but unset is inactive: it is never called.",
     )
     headers: dict[str, str] = Field(default_factory=dict, description="Extra headers sent to this provider.")
+    continuation: Continuation = Field(
+        Continuation.NONE,
+        description="How this provider continues a stream that broke on another upstream (see Continuation); "
+        "`none`: it is never asked to.",
+    )
 
     def api_key(self) -> str | None:
         """The key from `api_key_env`, blank ends removed (keys mounted from files end with a newline)."""
@@ -236,6 +255,10 @@ class RouterConfig(_Strict):
     )
     deadline_s: float = Field(
         120.0, gt=0, description="Total time for all attempts of one request before its first byte."
+    )
+    max_resumes: int = Field(
+        2, ge=0, description="Most times one stream that broke after its first byte is continued on another "
+        "upstream (or the same one again); 0: a broken stream ends with an error event.",
     )
     shutdown_grace_s: float = Field(30.0, ge=0, description="Time in-flight requests get on SIGTERM.")
     probe_interval_s: float = Field(5.0, gt=0, description="Seconds between health probes.")

@@ -64,6 +64,10 @@ class Behavior:
     """Stream only: abort the connection after this many content chunks (no clean end)."""
     omit_done: bool = False
     """Stream only: end the body cleanly but without ``data: [DONE]``."""
+    error_after: int | None = None
+    """Stream only: after this many content chunks send an in-band error event, then ``data: [DONE]``."""
+    stall_after: int | None = None
+    """Stream only: after this many content chunks send nothing more, until the client leaves."""
     hang: bool = False
     """Never send headers, until the client goes away."""
 
@@ -375,6 +379,14 @@ class FakeUpstream:
         for i in range(behavior.chunks):
             if behavior.cut_after is not None and i >= behavior.cut_after:
                 raise _Cut("scripted cut")
+            if behavior.stall_after is not None and i >= behavior.stall_after:
+                await asyncio.Future()
+            if behavior.error_after is not None and i >= behavior.error_after:
+                error = json.loads(_error(500, f"{self.name}: scripted error event"))
+                received.completed = True
+                await send({"type": "http.response.body", "body": b"data: " + json.dumps(error).encode()
+                            + b"\n\ndata: [DONE]\n\n"})
+                return
             if behavior.chunk_delay_s:
                 await asyncio.sleep(behavior.chunk_delay_s)
             await send({"type": "http.response.body", "body": event(f"tok{i} ", first=i == 0),

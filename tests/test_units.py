@@ -17,8 +17,8 @@ from router.dispatch import retry_after_s
 from router.errors import InvalidRequest, RateLimited
 from router.health import Breaker, CircuitState, HealthSnapshot, UpstreamHealth
 from router.policy import Skip, Target, plan
-from router.relay import SseTracker, usage_of
-from router.schemas import Endpoint, _scan_object, parse_request
+from router.relay import SseTracker
+from router.schemas import Endpoint, _scan_object, parse_request, usage_of
 from router.settings import CircuitConfig, ConfigError, RateLimit, Settings, load_settings
 from router.upstreams.credentials import Credentials, media_type
 
