@@ -162,7 +162,15 @@ class UpstreamUnavailable(UpstreamError):
     outcome = "unavailable"
 
 
+SHUTDOWN_MESSAGE = "the router is shutting down and its grace period for this request ran out"
+"""Why a request still unanswered when the shutdown grace ran out fails: in its 503, or in the
+error event that ends its stream."""
+
+
 class ServiceShuttingDown(UpstreamError):
     status = 503
     type = "service_unavailable"
     code = "shutting_down"
+
+    def __init__(self, message: str = SHUTDOWN_MESSAGE) -> None:
+        super().__init__(message)

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from router.dispatch import Committed
-from router.errors import UpstreamError
+from router.errors import SHUTDOWN_MESSAGE, UpstreamError
 from router.metrics import RequestObserver
 
 log = logging.getLogger("openweight.router")
@@ -149,9 +149,6 @@ class SseTracker:
             return False
         self.usage = usage
         return self.strip_usage and isinstance(payload, dict) and payload.get("choices") == []
-
-
-SHUTDOWN_MESSAGE = "the router is shutting down and its grace period for this request ran out"
 
 
 def error_event(message: str) -> bytes:
