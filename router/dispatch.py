@@ -23,27 +23,31 @@ from tenacity.wait import wait_exponential_jitter
 from router.errors import UpstreamError, UpstreamSaturated, UpstreamUnavailable
 from router.health import Health
 from router.metrics import NONE, RequestObserver
+from router.outcomes import Outcome
 from router.policy import Plan, Skip, Target
 from router.schemas import ParsedRequest
 from router.settings import CLUSTER, RetryConfig
 from router.upstreams.base import Upstream, UpstreamRequest, UpstreamResponse
 
+_COMMITS = (Outcome.SUCCESS, Outcome.CLIENT_ERROR)
+"""The outcomes whose answer goes to the client; every other one is a failure."""
 
-def outcome_of(status: int) -> str:
+
+def outcome_of(status: int) -> Outcome:
     """The attempt outcome of an upstream HTTP status; only `success`/`client_error` commit."""
     if status < 300:
-        return "success"
+        return Outcome.SUCCESS
     if status < 400:
-        return "server_error"  # an OpenAI-compatible API never redirects: a wrong URL, or not the API
+        return Outcome.SERVER_ERROR  # an OpenAI-compatible API never redirects: a wrong URL, or not the API
     if status in (401, 403):
-        return "auth_error"  # our credentials at that upstream, not the client's mistake
+        return Outcome.AUTH_ERROR  # our credentials at that upstream, not the client's mistake
     if status == 408:
-        return "timeout"
+        return Outcome.TIMEOUT
     if status in (429, 503):
-        return "overloaded"
+        return Outcome.OVERLOADED
     if status >= 500:
-        return "server_error"
-    return "client_error"
+        return Outcome.SERVER_ERROR
+    return Outcome.CLIENT_ERROR
 
 
 _NEVER_S = 366 * 86400.0
@@ -71,7 +75,7 @@ def retry_after_s(headers: Mapping[str, str], now: Callable[[], float] = time.ti
 class _Failed(Exception):
     """One attempt failed with `outcome`; another upstream may do better."""
 
-    def __init__(self, outcome: str, detail: str, retry_after: float | None = None, attempts: int = 1) -> None:
+    def __init__(self, outcome: Outcome, detail: str, retry_after: float | None = None, attempts: int = 1) -> None:
         super().__init__(detail)
         self.outcome = outcome
         self.detail = detail
@@ -119,7 +123,7 @@ class Dispatcher:
         """The first committed answer of the plan, or :class:`UpstreamUnavailable`."""
         deadline = self._clock() + self._deadline_s
         targets = plan.targets
-        pending: list[tuple[str, str]] = []  # (from_upstream, reason) waiting for their `to`
+        pending: list[tuple[str, Outcome]] = []  # (from_upstream, reason) waiting for their `to`
         failures: list[str] = []
         retry_hint: float | None = None
         attempts = 0
@@ -127,14 +131,14 @@ class Dispatcher:
             if isinstance(step, Skip):
                 pending.append((step.target.upstream, step.reason))
                 failures.append(f"{step.target.upstream}: {step.reason.replace('_', ' ')}")
-                if step.reason == "circuit_open":
+                if step.reason is Outcome.CIRCUIT_OPEN:
                     # When that circuit lets a trial through is when asking again makes sense.
                     reopens = self._health.breakers[step.target.upstream].reopens_in_s()
                     retry_hint = reopens if retry_hint is None else min(retry_hint, reopens)
                 continue
             if self._clock() >= deadline:
                 failures.append(f"{step.upstream}: deadline reached before trying")
-                pending.append((step.upstream, "deadline"))
+                pending.append((step.upstream, Outcome.DEADLINE))
                 break
             for from_upstream, reason in pending:
                 observer.fallback(from_upstream, step.upstream, reason)
@@ -213,7 +217,7 @@ class Dispatcher:
     def _retryable(self, exc: BaseException) -> bool:
         return (
             isinstance(exc, _Failed)
-            and exc.outcome != "auth_error"
+            and exc.outcome is not Outcome.AUTH_ERROR
             and (exc.retry_after or 0.0) <= self._retry.max_retry_after_s
         )
 
@@ -225,11 +229,11 @@ class Dispatcher:
         if wait > 0:
             # It asked for time (Retry-After) and is the last one left: wait for it, or not at all.
             if wait > self._retry.max_retry_after_s or self._clock() + wait >= deadline:
-                raise _Failed("overloaded", f"overloaded (Retry-After {math.ceil(wait)} s)", wait, attempts=0)
+                raise _Failed(Outcome.OVERLOADED, f"overloaded (Retry-After {math.ceil(wait)} s)", wait, attempts=0)
             await asyncio.sleep(wait)
         if not self._health.acquire(name):
-            observer.attempt(name, "circuit_open")
-            raise _Failed("circuit_open", "circuit open")
+            observer.attempt(name, Outcome.CIRCUIT_OPEN)
+            raise _Failed(Outcome.CIRCUIT_OPEN, "circuit open")
         try:
             response = await self._upstreams[name].send(request, max(0.001, deadline - self._clock()))
         except UpstreamSaturated as exc:
@@ -247,14 +251,14 @@ class Dispatcher:
         if response.status == 404 and "json" not in response.headers.get("content-type", ""):
             # A plain 404 is the upstream not serving the API at all (e.g. Ray Serve's proxy while
             # the app is deployed nowhere), not an OpenAI "model not found" for the client.
-            outcome = "server_error"
+            outcome = Outcome.SERVER_ERROR
         observer.attempt(name, outcome)
-        if outcome in ("success", "client_error"):
+        if outcome in _COMMITS:
             self._health.success(name)
             return response
         await response.aclose()
         hint = retry_after_s(response.headers)
-        if outcome == "overloaded" and (hint is not None or response.status == 429):
+        if outcome is Outcome.OVERLOADED and (hint is not None or response.status == 429):
             # Back-pressure, not a dead upstream: keep the circuit closed, send nothing until then.
             self._health.release(name)
             self._health.defer(name, hint if hint is not None else 1.0)
