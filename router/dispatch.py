@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
+from tenacity import RetryCallState, Retrying
 from tenacity.wait import wait_exponential_jitter
 
 from router.errors import UpstreamError, UpstreamSaturated, UpstreamUnavailable
@@ -81,7 +81,7 @@ class _Failed(Exception):
         self.detail = detail
         self.retry_after = retry_after
         self.attempts = attempts
-        """Requests this failure sent (0: none left the router)."""
+        """Requests sent to the upstream before this failure, by every try (0: none left the router)."""
 
 
 @dataclass(slots=True)
@@ -115,7 +115,11 @@ class Dispatcher:
         self._retry = retry
         self._deadline_s = deadline_s
         self._clock = clock
-        self._backoff = wait_exponential_jitter(multiplier=retry.backoff_initial_s, max=retry.backoff_max_s)
+        # Tenacity's exponential backoff with jitter, asked for one pause at a time (_pause_s): running
+        # a tenacity loop costs more than a whole request, and most requests need no retry.
+        self._backoff = Retrying(
+            wait=wait_exponential_jitter(multiplier=retry.backoff_initial_s, max=retry.backoff_max_s)
+        )
 
     async def dispatch(
         self, request: ParsedRequest, plan: Plan, request_id: str, observer: RequestObserver
@@ -174,52 +178,40 @@ class Dispatcher:
         return lambda: self._health.cluster_finished(model)
 
     async def _with_retries(
-        self,
-        target: Target,
-        request: UpstreamRequest,
-        observer: RequestObserver,
-        deadline: float,
-        tries: int,
+        self, target: Target, request: UpstreamRequest, observer: RequestObserver, deadline: float, tries: int
     ) -> tuple[UpstreamResponse, int]:
-        try:
-            return await self._attempt(target, request, observer, deadline), 1
-        except _Failed as failed:
-            if tries == 1 or not self._retryable(failed):
-                raise
-            first: _Failed | None = failed
-        # Only a failed first attempt pays for tenacity; it is replayed as tenacity's attempt 1 so
-        # that backoff, Retry-After and the stop conditions all see it.
-        used = 1
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(tries) | stop_before_delay(max(0.0, deadline - self._clock())),
-            wait=self._wait,
-            retry=retry_if_exception(self._retryable),
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    if first is not None:
-                        replay, first = first, None
-                        raise replay
-                    used += 1
-                    return await self._attempt(target, request, observer, deadline), used
-        except _Failed as failed:
-            failed.attempts = used
-            raise
-        raise AssertionError("unreachable: tenacity either returns or re-raises")
+        """Try `target` up to `tries` times: its response and the requests sent, or the last failure.
 
-    def _wait(self, state: RetryCallState) -> float:
-        failed = state.outcome.exception() if state.outcome else None
-        hint = failed.retry_after if isinstance(failed, _Failed) and failed.retry_after else 0.0
-        return max(self._backoff(state), hint)
+        A failure is tried again unless it cannot get better (:meth:`_retryable`), after a pause
+        (:meth:`_pause_s`) only when that pause ends before the deadline.
+        """
+        tried = sent = 0
+        while True:
+            tried += 1
+            try:
+                return await self._attempt(target, request, observer, deadline), sent + 1
+            except _Failed as failed:
+                sent += failed.attempts
+                failed.attempts = sent
+                if tried >= tries or not self._retryable(failed):
+                    raise
+                pause = self._pause_s(tried, failed)
+                if self._clock() + pause >= deadline:
+                    raise
+            await asyncio.sleep(pause)
 
-    def _retryable(self, exc: BaseException) -> bool:
-        return (
-            isinstance(exc, _Failed)
-            and exc.outcome is not Outcome.AUTH_ERROR
-            and (exc.retry_after or 0.0) <= self._retry.max_retry_after_s
-        )
+    def _retryable(self, failed: _Failed) -> bool:
+        """Not when our credentials were refused, nor when the upstream asks for longer than we wait."""
+        if failed.outcome is Outcome.AUTH_ERROR:
+            return False
+        return (failed.retry_after or 0.0) <= self._retry.max_retry_after_s
+
+    def _pause_s(self, tried: int, failed: _Failed) -> float:
+        """The pause after `tried` tries, the last of which ended in `failed`: tenacity's exponential
+        backoff with jitter, or the upstream's Retry-After when that is longer."""
+        state = RetryCallState(self._backoff, fn=None, args=(), kwargs={})
+        state.attempt_number = tried
+        return max(self._backoff.wait(state), failed.retry_after or 0.0)
 
     async def _attempt(
         self, target: Target, request: UpstreamRequest, observer: RequestObserver, deadline: float
