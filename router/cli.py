@@ -53,14 +53,16 @@ def serve_router(settings: Settings) -> None:
     import uvicorn
 
     from router.app import create_app
+    from router.metrics import Metrics
     from router.server import server_config
 
     keys = client_keys(settings)
     host = settings.router.host
     if keys.open:
         log.warning("serving without client authentication on %s", host)
-    app = create_app(settings, keys=keys)
-    config = server_config(app, settings.router)
+    metrics = Metrics()
+    app = create_app(settings, keys=keys, metrics=metrics)
+    config = server_config(app, settings.router, refused=metrics.refused)
     uvicorn.Server(config).run()
 
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from router.outcomes import Outcome
+
 NONE = "none"
 RESUME_SUCCESS = "success"
 """`outcome` of openweight_stream_resumes_total: the continuation started."""
@@ -126,10 +128,10 @@ class RequestObserver:
         self._finished = False
         metrics.child(metrics.in_flight, model).inc()
 
-    def attempt(self, upstream: str, outcome: str) -> None:
+    def attempt(self, upstream: str, outcome: Outcome) -> None:
         self._m.child(self._m.attempts, upstream, outcome).inc()
 
-    def fallback(self, from_upstream: str, to_upstream: str, reason: str) -> None:
+    def fallback(self, from_upstream: str, to_upstream: str, reason: Outcome) -> None:
         self._m.child(self._m.fallbacks, self.model, from_upstream, to_upstream, reason).inc()
 
     def add_overhead(self, seconds: float) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from router.dispatch import Committed
-from router.errors import UpstreamError
+from router.errors import SHUTDOWN_MESSAGE, UpstreamError
 from router.metrics import NONE, RESUME_FAILED, RESUME_SUCCESS, RequestObserver
 from router.resume import Delivered, Resumer
 from router.schemas import usage_of
@@ -162,9 +162,6 @@ class SseTracker:
             return False
         self.usage = usage
         return self.strip_usage and isinstance(payload, dict) and payload.get("choices") == []
-
-
-SHUTDOWN_MESSAGE = "the router is shutting down and its grace period for this request ran out"
 
 
 def error_event(message: str) -> bytes:

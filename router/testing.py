@@ -29,9 +29,7 @@ from typing import Any, Self
 
 import uvicorn
 
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+from router.asgi import Receive, Scope, Send, until_disconnect
 
 PROMPT_TOKENS = 7
 """``usage.prompt_tokens`` of every answer."""
@@ -128,11 +126,6 @@ async def _read_body(receive: Receive) -> bytes:
         parts.append(message.get("body", b""))
         if not message.get("more_body"):
             return b"".join(parts)
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 class FakeUpstream:
@@ -240,7 +233,7 @@ class FakeUpstream:
             self._disconnects += 1
             self._cond.notify_all()
 
-    async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
@@ -274,7 +267,7 @@ class FakeUpstream:
         """
         assert self._closing is not None
         answer = asyncio.ensure_future(work)
-        gone = asyncio.create_task(_wait_disconnect(receive))
+        gone = asyncio.create_task(until_disconnect(receive))
         closing = asyncio.create_task(self._closing.wait())
         try:
             await asyncio.wait((answer, gone, closing), return_when=asyncio.FIRST_COMPLETED)
@@ -290,7 +283,7 @@ class FakeUpstream:
         answer.cancel()
         return "gone" if gone.done() else "closing"
 
-    async def _inference(self, kind: str, scope: Message, receive: Receive, send: Send) -> None:
+    async def _inference(self, kind: str, scope: Scope, receive: Receive, send: Send) -> None:
         raw = await _read_body(receive)
         try:
             body: Any = json.loads(raw)

@@ -15,6 +15,7 @@ import uvloop
 
 from router.app import create_app
 from router.auth import KeyStore
+from router.metrics import Metrics
 from router.server import server_config
 from router.settings import Settings
 from router.testing import FakeUpstream
@@ -32,10 +33,11 @@ class RouterServer:
     """The real router app under uvicorn in a background thread."""
 
     def __init__(self, settings: Settings, keys: KeyStore | None = None, **server: Any) -> None:
-        self.app = create_app(settings, keys=keys if keys is not None else KeyStore([]))
+        metrics = Metrics()
+        self.app = create_app(settings, keys=keys if keys is not None else KeyStore([]), metrics=metrics)
         # The router's own server configuration, on an ephemeral port (`server`: other uvicorn options).
-        config = server_config(self.app, settings.router, host="127.0.0.1", port=0, log_level="warning",
-                               timeout_graceful_shutdown=5, **server)
+        config = server_config(self.app, settings.router, refused=metrics.refused, host="127.0.0.1", port=0,
+                               log_level="warning", timeout_graceful_shutdown=5, **server)
         self.server = uvicorn.Server(config)
         # The router's own event loop (uvloop), as in production.
         self.thread = threading.Thread(target=lambda: uvloop.run(self.server.serve()), daemon=True)

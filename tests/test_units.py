@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router.auth import Principal, RateLimiter
-from router.dispatch import retry_after_s
+from router.dispatch import outcome_of, retry_after_s
 from router.errors import InvalidRequest, RateLimited
 from router.health import Breaker, CircuitState, HealthSnapshot, UpstreamHealth
+from router.outcomes import Outcome
 from router.policy import Skip, Target, plan
 from router.relay import SseTracker
 from router.schemas import Endpoint, _scan_object, parse_request, usage_of
@@ -196,6 +197,16 @@ def test_breaker_lifecycle():
     assert breaker.acquire()
     breaker.failure()
     assert breaker.state is CircuitState.OPEN
+
+
+def test_outcome_label_values_stay_what_dashboards_and_alert_rules_select_on():
+    assert {str(outcome) for outcome in Outcome} == {
+        "success", "client_error", "server_error", "auth_error", "timeout", "overloaded", "connect_error",
+        "protocol_error", "unavailable", "circuit_open", "spillover", "deadline",
+    }
+    statuses = {200: "success", 302: "server_error", 400: "client_error", 401: "auth_error", 403: "auth_error",
+                404: "client_error", 408: "timeout", 429: "overloaded", 500: "server_error", 503: "overloaded"}
+    assert {status: str(outcome_of(status)) for status in statuses} == statuses
 
 
 def test_retry_after_in_seconds_or_as_an_http_date():

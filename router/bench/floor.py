@@ -18,15 +18,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import cast
 from urllib.parse import urlsplit
 
 import aiohttp
 import httptools
 import uvicorn
 
-Message = dict[str, Any]
+from router.asgi import Message, Receive, Scope, Send
 
 
 class _Connection(asyncio.Protocol):
@@ -84,8 +83,7 @@ class FloorProxy:
         self.prefix = f"Host: {self.host}:{self.port}\r\ncontent-type: application/json\r\n".encode()
         self.idle: list[_Connection] = []
 
-    async def __call__(self, scope: Message, receive: Callable[[], Awaitable[Message]],
-                       send: Callable[[Message], Awaitable[None]]) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
                 while (await receive())["type"] != "lifespan.shutdown":
@@ -104,7 +102,7 @@ class FloorProxy:
                 break
         await self._exchange(scope, body, send)
 
-    async def _exchange(self, scope: Message, body: bytes, send: Callable[[Message], Awaitable[None]]) -> None:
+    async def _exchange(self, scope: Scope, body: bytes, send: Send) -> None:
         connection = await self._connection()
         head = f"{scope['method']} {scope['path']} HTTP/1.1\r\ncontent-length: {len(body)}\r\n".encode()
         assert connection.transport is not None
@@ -137,7 +135,7 @@ class AiohttpFloorProxy(FloorProxy):
         self.base = upstream.rstrip("/")
         self.session: aiohttp.ClientSession | None = None
 
-    async def _exchange(self, scope: Message, body: bytes, send: Callable[[Message], Awaitable[None]]) -> None:
+    async def _exchange(self, scope: Scope, body: bytes, send: Send) -> None:
         if self.session is None:
             self.session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=100, limit_per_host=0, keepalive_timeout=30),
