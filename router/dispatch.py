@@ -35,6 +35,8 @@ _COMMITS = (Outcome.SUCCESS, Outcome.CLIENT_ERROR)
 
 def outcome_of(status: int) -> Outcome:
     """The attempt outcome of an upstream HTTP status; only `success`/`client_error` commit."""
+    if status < 200:
+        return Outcome.PROTOCOL_ERROR  # 101 Switching Protocols (or another 1xx as the final answer): not HTTP we relay
     if status < 300:
         return Outcome.SUCCESS
     if status < 400:

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from router.dispatch import Committed
-from router.errors import SHUTDOWN_MESSAGE, UpstreamError
+from router.errors import SHUTDOWN_MESSAGE, UpstreamError, UpstreamProtocolError
 from router.metrics import NONE, RESUME_FAILED, RESUME_SUCCESS, RequestObserver
 from router.resume import Delivered, Resumer
 from router.schemas import usage_of
@@ -41,6 +41,8 @@ class Responder(Protocol):
 _DONE = b"[DONE]"
 _DONE_LINES = (b"data: [DONE]", b"data:[DONE]")
 _EVENT_END = b"\n\n"
+MAX_EVENT_BYTES = 4 << 20
+"""Largest server-sent event relayed; a longer one is a broken stream."""
 
 
 def _ends_stream(data: bytes) -> bool:
@@ -102,6 +104,8 @@ class SseTracker:
             data = data.replace(b"\r", b"\n")
         end = data.rfind(_EVENT_END)
         if end < 0:
+            if len(data) > MAX_EVENT_BYTES:  # never ends: holding (and searching) it would grow without bound
+                raise UpstreamProtocolError(f"an event of more than {MAX_EVENT_BYTES} bytes")
             self._pending = data + held_cr
             return b""
         end += len(_EVENT_END)

@@ -11,6 +11,7 @@ could decide on one value (the model, whether to stream) while the upstream acts
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -26,7 +27,16 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: valid JSON text, but no number a parser can hold
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant, parse_float=_finite_float)
+_READ_KEYS = frozenset({"model", "stream", "stream_options"})
+_MAX_OPTIONS_DEPTH = 16
 _SCAN_STRING = json.decoder.scanstring  # type: ignore[attr-defined]
 _SCAN_VALUE: Any = _DECODER.scan_once  # type: ignore[attr-defined]
 _encode_string = json.encoder.encode_basestring
@@ -174,10 +184,13 @@ def parse_request(endpoint: Endpoint, body: bytes) -> ParsedRequest:
     """Validate the few fields the router needs; raise :class:`InvalidRequest` naming the bad one."""
     if not body:
         raise InvalidRequest("the request body is empty; send a JSON object")
+    encoding = json.detect_encoding(body)
     try:
-        text = body.decode(json.detect_encoding(body))  # strict: a lone surrogate could not be re-encoded
+        text = body.decode(encoding)  # strict: a lone surrogate could not be re-encoded
     except UnicodeDecodeError:
         raise InvalidRequest("the request body is not valid UTF-8") from None
+    if encoding != "utf-8":  # UTF-16/32 or a byte-order mark: upstreams get UTF-8, as JSON on the wire must be
+        body = text.encode()
     try:
         scanned = _scan_object(text)
     except _Duplicate as dup:
@@ -187,7 +200,7 @@ def parse_request(endpoint: Endpoint, body: bytes) -> ParsedRequest:
         data, spans = scanned
     else:
         try:
-            data = json.loads(text, parse_constant=_refuse_constant)
+            data = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
         except _Duplicate as dup:
             raise _duplicate(dup.key) from None
         except ValueError as exc:
@@ -196,6 +209,11 @@ def parse_request(endpoint: Endpoint, body: bytes) -> ParsedRequest:
             raise InvalidRequest("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    for key in data:
+        # A parser that matches keys without regard to case (Go's encoding/json, which also folds
+        # the long s and the Kelvin sign) would read `MODEL` as the key the router read as `model`.
+        if len(key) in (5, 6, 14) and key not in _READ_KEYS and key.casefold() in _READ_KEYS:
+            raise InvalidRequest(f"the request body has the key {key!r}: write {key.casefold()!r}", param=key)
     model = data.get("model")
     if model is None:
         raise InvalidRequest("you must provide a model parameter", param="model")
@@ -209,18 +227,33 @@ def parse_request(endpoint: Endpoint, body: bytes) -> ParsedRequest:
     if stream and endpoint is Endpoint.EMBEDDINGS:
         raise InvalidRequest("embeddings cannot be streamed", param="stream")
     options = data.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise InvalidRequest("`stream_options` must be an object", param="stream_options")
+    if options is not None and _depth(options) > _MAX_OPTIONS_DEPTH:  # it is re-encoded: keep clear of recursion limits
+        raise InvalidRequest("`stream_options` is nested too deeply", param="stream_options")
     if spans is not None and "stream_options" in spans:
         # The router reads `include_usage`: a key twice inside would leave the usage chunk to the upstream's parser.
         try:
             json.loads(text[slice(*spans["stream_options"])], object_pairs_hook=_pairs)
         except _Duplicate as dup:
             raise _duplicate(f"stream_options.{dup.key}") from None
-    if options is not None and not isinstance(options, dict):
-        raise InvalidRequest("`stream_options` must be an object", param="stream_options")
     if options is not None and not stream:
         raise InvalidRequest("`stream_options` is only allowed when `stream` is true", param="stream_options")
     wants_usage = bool(options and options.get("include_usage") is True)
     return ParsedRequest(endpoint, model, stream, wants_usage, data, body, text if spans else "", spans)
+
+
+def _depth(value: object) -> int:
+    """How deeply `value` nests lists and objects (no recursion: the value may be deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                deepest = max(deepest, level + 1)
+                stack.append((child, level + 1))
+    return max(deepest, 1)
 
 
 def usage_of(payload: object) -> tuple[int, int] | None:

@@ -95,6 +95,11 @@ class UpstreamConfig(_Strict):
         "request moves on at once as if the upstream were overloaded, without counting against its "
         "circuit. None: no limit of the router's own (the upstream's back-pressure, 429/503, decides).",
     )
+    max_response_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024,
+        description="Largest answer (decoded) relayed from this upstream when it is not streamed; a larger one "
+        "counts as a protocol error. A stream is not bounded, each of its events is (4 MiB).",
+    )
     circuit: CircuitConfig = Field(default_factory=CircuitConfig, description="Circuit breaker settings.")
     probe: bool = Field(True, description="Probe GET {url}/models in the background to feed the circuit.")
 

@@ -375,11 +375,16 @@ def test_duplicate_keys_and_non_finite_numbers_are_refused():
 
 
 def test_credentials_are_redacted_in_every_form_and_keep_headers_clean():
-    creds = Credentials.of("https://u%40x:p%2Fss@host/v1", key="k/+=", headers={"x-org": "short", "x-api-key": "h" * 8})
-    basic = base64.b64encode(b"u@x:p/ss")
-    for form in (b"k/+=", b"k\\/+=", b"k%2F%2B%3D", b"k%2f%2b%3d", b"p/ss", b"u@x:p/ss", basic, b"h" * 8):
+    creds = Credentials.of("https://u%40x:p%2Fss@host/v1", key="k/+=",
+                           headers={"x-org": "short", "anthropic-version": "2023-06-01", "x-api-key": "h" * 8,
+                                    "Authorization": "Token tok-123"})
+    for form in (b"k/+=", b"k\\/+=", b"k%2F%2B%3D", b"k%2f+%3d", b"\\u006B/+\\u003d", b"p/ss", b"u@x:p/ss",
+                 b"h" * 8, b"Token tok-123", b"tok-123"):
         assert creds.redact(b"<" + form + b">") == b"<<redacted>>", form
-    assert creds.redact(b"short") == b"short"  # shorter than MIN_HEADER_SECRET: not taken for a secret
+    basic = base64.b64encode(b"u@x:p/ss")  # base64: all but the last characters, which carry other bits
+    assert basic not in creds.redact(basic) and creds.redact(basic).startswith(b"<redacted>")
+    for plain in (b"short", b"2023-06-01", b"k/+"):
+        assert creds.redact(plain) == plain  # not credentials
     assert not Credentials() and Credentials().redact(b"k/+=") == b"k/+="
     assert media_type("text/event-stream; charset=utf-8", creds) == "text/event-stream; charset=utf-8"
     assert media_type('application/json; x="k/+="', creds) is None
@@ -404,3 +409,23 @@ def test_a_rate_limit_without_burst_allows_one_second_s_worth_at_once():
     limiter.check(fast)
     clock.now = 10
     limiter.check(slow)
+
+
+def test_what_a_lenient_upstream_would_read_otherwise_is_refused():
+    deep = b"[" * 985 + b"]" * 985
+    for body, match in [
+        (b'{"model": "a", "stream": true, "stream_options": {"x": ' + deep + b"}}", "nested too deeply"),
+        (b'{"model": "a", "stream": true, "stream_options": {"include_usage": true, "x": ' + deep + b"}}",
+         "nested too deeply"),
+        (b'{"model": "a", "MODEL": "gpt-4o"}', "'MODEL'"),
+        ('{"model": "a", "\u017ftream": true}'.encode(), "'\u017ftream'"),
+        (b'{"model": "a", "Stream_Options": {}}', "'Stream_Options'"),
+        (b'{"model": "a", "temperature": 1e400}', "out of range"),
+        (b'{"model": "a", "x": [-1e999]}', "out of range"),
+    ]:
+        with pytest.raises(InvalidRequest, match=match):
+            parse_request(Endpoint.CHAT, body)
+    wide = parse_request(Endpoint.CHAT, '{"model": "a", "x": "\u00e9"}'.encode("utf-16"))
+    assert wide.body_for("a") == '{"model": "a", "x": "\u00e9"}'.encode()  # UTF-8 on the wire, no BOM
+    assert parse_request(Endpoint.CHAT, b'\xef\xbb\xbf{"model": "a"}').body_for("a") == b'{"model": "a"}'
+    assert parse_request(Endpoint.CHAT, b'{"model": "a", "x": 1e300, "modelx": 1}').data["x"] == 1e300

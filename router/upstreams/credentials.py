@@ -1,25 +1,29 @@
 """The credentials the router sends an upstream, and keeping them out of everything relayed back.
 
 An upstream may echo what it received (a debugging provider, a proxy's error page, a misconfigured
-gateway): its key, its configured headers, or the user and password of its URL. Every one of
-them, in each form an echo could take (as sent, JSON-escaped, percent-encoded, inside a Basic
-authorization), is replaced by ``<redacted>`` in bodies and makes a header unfit to relay.
+gateway): its key, a credential header, or the user and password of its URL. Each of them is
+replaced by ``<redacted>`` in bodies, and makes a header unfit to relay, in every form an echo
+takes: any of its characters percent-encoded (either case of hex) or JSON-escaped (``\\uXXXX``,
+``\\/``), and base64 (a Basic authorization, or the key inside a longer base64 text).
+
+Not caught: a credential split across two events of a stream (its halves in two deltas that the
+client joins), or transformed in other ways. Providers that echo their own key in answers should
+not be configured.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import re
 from collections.abc import Iterable
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
+
+from router.settings import looks_secret
 
 REDACTED = b"<redacted>"
 
-MIN_HEADER_SECRET = 8
-"""Configured header values shorter than this are not scrubbed: a value such as ``true`` or ``1``
-cannot be told apart from ordinary text, and replacing it would corrupt every answer. Keys and URL
-passwords are scrubbed whatever their length."""
+_CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization"})
+"""Header names that carry a credential though `looks_secret` would not say so."""
 
 _MEDIA_TYPE = re.compile(
     r"[A-Za-z0-9!#$&^_.+-]{1,64}/[A-Za-z0-9!#$&^_.+-]{1,64}"
@@ -27,55 +31,75 @@ _MEDIA_TYPE = re.compile(
 )
 
 
-def _forms(secret: str) -> set[bytes]:
-    """The ways `secret` may come back: as sent, JSON-escaped (also with ``\\/``) and percent-encoded
-    (upper- or lower-case hex)."""
-    escaped = json.dumps(secret)[1:-1]
-    percent = quote(secret, safe="")
-    lower = re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), percent)
-    return {form.encode() for form in (secret, escaped, escaped.replace("/", "\\/"), percent, lower)}
+def credential_header(name: str) -> bool:
+    """Whether a configured header carries a credential (``x-api-key``, ``Authorization``; not
+    ``anthropic-version``): its value is scrubbed from answers. Other headers are not."""
+    return name.lower() in _CREDENTIAL_HEADERS or looks_secret(name)
+
+
+def _char(c: str) -> bytes:
+    """A pattern for one character of a secret: as it is, percent-encoded, or JSON-escaped."""
+    code = ord(c)
+    forms = [re.escape(c.encode()), b"%%(?i:%02x)" % code, rb"\\u(?i:%04x)" % code]
+    if c == "/":
+        forms.append(rb"\\/")
+    return b"(?:" + b"|".join(forms) + b")"
+
+
+def _base64_runs(secret: bytes) -> list[bytes]:
+    """The base64 text of `secret` at each of the three alignments inside a longer base64 text:
+    only the characters that depend on the secret's bytes alone."""
+    runs = []
+    for offset in range(3):
+        encoded = base64.b64encode(b"\0" * offset + secret)
+        first = -(-8 * offset // 6)  # first character whose 6 bits all come from the secret
+        last = (8 * (offset + len(secret))) // 6  # one past the last such character
+        run = encoded[first:last]
+        if len(run) >= 4:
+            runs += [run, run.replace(b"+", b"-").replace(b"/", b"_")]
+    return runs
 
 
 class Credentials:
     """Every credential sent to one upstream; empty when it is sent none (the usual cluster)."""
 
-    __slots__ = ("_forms",)
+    __slots__ = ("_pattern",)
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        forms: set[bytes] = set()
-        for secret in secrets:
-            if secret:
-                forms |= _forms(secret)
-        # Longest first: a secret that contains another is replaced whole.
-        self._forms = tuple(sorted(forms, key=len, reverse=True))
+        patterns: list[bytes] = []
+        for secret in sorted({s for s in secrets if s}, key=len, reverse=True):  # a longer one is replaced whole
+            patterns.append(b"".join(_char(c) for c in secret))
+            patterns += [re.escape(run) for run in _base64_runs(secret.encode())]
+        self._pattern = re.compile(b"|".join(patterns)) if patterns else None
 
     @classmethod
     def of(cls, url: str, *, key: str | None = None, headers: dict[str, str] | None = None) -> Credentials:
-        """The credentials in an upstream's `url` (user, password and their Basic form), its `key`
-        and its configured `headers` (values of at least :data:`MIN_HEADER_SECRET` characters)."""
+        """The credentials in an upstream's `url` (user and password), its `key`, and the values of
+        its configured credential `headers` (see :func:`credential_header`), with the token alone
+        of a ``<scheme> <token>`` value."""
         secrets = [key or ""]
         parts = urlsplit(url)
         if parts.password is not None or parts.username:
             user, password = unquote(parts.username or ""), unquote(parts.password or "")
-            basic = base64.b64encode(f"{user}:{password}".encode()).decode()
-            secrets += [password, f"{user}:{password}", basic, parts.netloc.rpartition("@")[0]]
-        secrets += [v for v in (headers or {}).values() if len(v) >= MIN_HEADER_SECRET]
+            secrets += [password, f"{user}:{password}"]
+        for name, value in (headers or {}).items():
+            if credential_header(name):
+                secrets.append(value)
+                scheme, _, token = value.partition(" ")
+                if token.strip() and scheme.isalpha():
+                    secrets.append(token.strip())
         return cls(secrets)
 
     def __bool__(self) -> bool:
-        return bool(self._forms)
+        return self._pattern is not None
 
     def redact(self, data: bytes) -> bytes:
         """`data` with every form of every credential replaced by ``<redacted>``."""
-        for form in self._forms:
-            if form in data:
-                data = data.replace(form, REDACTED)
-        return data
+        return data if self._pattern is None else self._pattern.sub(REDACTED, data)
 
     def fit_header(self, value: str) -> bool:
         """Whether an upstream's header value may be relayed: no credential in it."""
-        raw = value.encode("latin-1", "replace")
-        return not any(form in raw for form in self._forms)
+        return self._pattern is None or self._pattern.search(value.encode("latin-1", "replace")) is None
 
 
 def media_type(value: str | None, credentials: Credentials) -> str | None:

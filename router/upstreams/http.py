@@ -12,7 +12,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import aiohttp
-from aiohttp.compression_utils import HAS_BROTLI, HAS_ZSTD
 from aiohttp.payload import BytesPayload
 from yarl import URL
 
@@ -25,13 +24,11 @@ from router.errors import (
 )
 from router.settings import CLUSTER, ClusterConfig, ConfigError, ProviderConfig, UpstreamConfig, header_safe
 from router.upstreams.base import UpstreamRequest
+from router.upstreams.coding import Decoder, decoder_for
 from router.upstreams.credentials import Credentials, media_type
 
-DECODED = frozenset({"gzip", "deflate"} | ({"br"} if HAS_BROTLI else set()) | ({"zstd"} if HAS_ZSTD else set()))
-"""Content codings the HTTP client decodes. Upstreams are asked for none (``identity``); one that
-compresses anyway is decoded before the router looks at the body, and an answer in any other
-coding is a protocol error: the router never relays a body it could not inspect."""
-_IDENTITY = ("", "identity")
+_COMPRESSED = (b"\x1f\x8b", b"\x78\x01", b"\x78\x5e", b"\x78\x9c", b"\x78\xda")
+"""How gzip and zlib data begin; an answer in JSON or server-sent events never does."""
 
 
 def client_error(upstream: str, exc: BaseException) -> UpstreamError:
@@ -58,22 +55,22 @@ def map_client_errors(upstream: str) -> Iterator[None]:
 class HttpResponse:
     """A started response, with its first body chunk already read.
 
-    Its body arrives decoded (see :data:`DECODED`) and `headers` holds only what the router reads:
-    a well-formed ``content-type`` with no credential in it, and ``retry-after``.
+    Its body arrives decoded (see :mod:`router.upstreams.coding`) and `headers` holds only what the
+    router reads: a well-formed ``content-type`` with no credential in it, and ``retry-after``.
     """
 
-    __slots__ = ("_credentials", "_done", "_response", "_upstream", "first_chunk", "headers", "status")
+    __slots__ = ("_credentials", "_decoder", "_done", "_limit", "_response", "_upstream", "first_chunk", "headers",
+                 "status")
 
     def __init__(self, upstream: str, response: aiohttp.ClientResponse, credentials: Credentials,
-                 done: Callable[[], None]) -> None:
+                 done: Callable[[], None], limit: int) -> None:
         self._upstream = upstream
         self._response = response
         self._credentials = credentials
         self._done: Callable[[], None] | None = done
+        self._limit = limit
         self.status = response.status
-        coding = response.headers.get("content-encoding", "").strip().lower()
-        if coding not in _IDENTITY and coding not in DECODED:
-            raise UpstreamProtocolError(f"{upstream}: an answer in a content-encoding the router cannot decode")
+        self._decoder: Decoder | None = decoder_for(upstream, response.headers)
         self.headers: dict[str, str] = {}
         if (content_type := media_type(response.headers.get("content-type"), credentials)) is not None:
             self.headers["content-type"] = content_type
@@ -83,18 +80,42 @@ class HttpResponse:
 
     async def _read_first(self) -> None:
         with map_client_errors(self._upstream):
-            self.first_chunk = await self._response.content.readany()
+            self.first_chunk = await self.read_chunk()
+        if self.first_chunk.startswith(_COMPRESSED):
+            # Compressed bytes labelled as plain: the client could decode what the router cannot inspect.
+            raise UpstreamProtocolError(f"{self._upstream}: a compressed answer without its content-encoding")
 
     async def read_chunk(self) -> bytes:
         # Called once per relayed chunk: a plain try costs nothing, a context manager would.
         try:
-            return await self._response.content.readany()
+            if self._decoder is None:
+                return await self._response.content.readany()
+            return await self._read_decoded(self._decoder)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise client_error(self._upstream, exc) from None
 
+    async def _read_decoded(self, decoder: Decoder) -> bytes:
+        """The next decoded bytes; ``b""`` only at the body's end (a compressed header alone decodes to nothing)."""
+        while True:
+            if decoder.pending:
+                out = decoder.feed(b"")
+            else:
+                raw = await self._response.content.readany()
+                if not raw:
+                    decoder.end()
+                    return b""
+                out = decoder.feed(raw)
+            if out:
+                return out
+
     async def aread(self) -> bytes:
-        with map_client_errors(self._upstream):
-            return self.first_chunk + await self._response.content.read()
+        parts, size = [self.first_chunk], len(self.first_chunk)
+        while chunk := await self.read_chunk():
+            size += len(chunk)
+            if size > self._limit:
+                raise UpstreamProtocolError(f"{self._upstream}: an answer larger than {self._limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
 
     def redact(self, data: bytes) -> bytes:
         return self._credentials.redact(data) if self._credentials else data
@@ -146,7 +167,7 @@ class HttpUpstream:
                 connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30),
                 headers=self._headers,
                 timeout=self._timeout,
-                auto_decompress=True,
+                auto_decompress=False,  # decoded by router.upstreams.coding, strictly
                 # Never keep an upstream's cookies: they would go out again with other clients' requests.
                 cookie_jar=aiohttp.DummyCookieJar(),
                 # Never read proxy settings or netrc credentials from the environment for upstream calls.
@@ -179,7 +200,8 @@ class HttpUpstream:
                     response = await self._client().request(
                         request.method, url, data=body, headers=headers, allow_redirects=False
                     )
-                started = HttpResponse(self.name, response, self._credentials, self._finished)
+                started = HttpResponse(self.name, response, self._credentials, self._finished,
+                                       self.config.max_response_bytes)
                 await started._read_first()
         except BaseException as exc:
             self._finished()
