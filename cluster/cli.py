@@ -147,3 +147,7 @@ def register(subparsers: Any) -> None:
     prepare = model_verbs.add_parser("prepare", help="download, check and convert a built-in model once")
     prepare.add_argument("name", choices=sorted(BUILTIN_MODELS), help="built-in model")
     prepare.set_defaults(func=_prepare)
+
+    from cluster.stack import register_run
+
+    register_run(subparsers)

@@ -176,7 +176,7 @@ class LocalStack:
     def _check_ports(self) -> None:
         wanted = [("cluster.url", self.serve_host, self.serve_port)]
         if self.with_router:
-            from router.cli import client_keys
+            from router.auth import client_keys
 
             client_keys(self.settings)  # what would stop the router, before minutes of deploying
             wanted.append(("router.port", self.settings.router.host, self.settings.router.port))

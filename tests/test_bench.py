@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from router.bench.e2e import engine_arg
-from router.bench.harness import descendants, percentile, stop_group
-from router.bench.report import Column, table
-from router.bench.stack import engine_processes, serve_processes
-from router.cli import main
+from bench.e2e import engine_arg
+from bench.harness import descendants, percentile, stop_group
+from bench.report import Column, table
+from bench.stack import engine_processes, serve_processes
+from openweight.cli import main
 
 
 def test_percentile_is_nearest_rank() -> None:

@@ -16,8 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.auth import KeyStore
-from router.cli import is_loopback
+from router.auth import KeyStore, is_loopback
 from router.settings import ApiKey, ConfigError, RateLimit
 from router.testing import Behavior, FakeUpstream
 from tests.conftest import MODEL, RouterServer, chat, make_settings

@@ -19,7 +19,7 @@ import httpx
 import pytest
 import yaml
 
-from router.bench.harness import answers
+from bench.harness import answers
 from router.testing import Behavior, FakeUpstream
 from tests.conftest import MODEL, chat, free_port
 

@@ -197,7 +197,7 @@ def test_check_serve_blocks_validates_loaded_settings(tmp_path: Path) -> None:
 def test_check_config_cli_reports_serve_errors(tmp_path: Path) -> None:
     path = write_config(tmp_path, {"a": {"serve": {"source": "x", "pipeline_parallel_size": 0}}})
     proc = subprocess.run(
-        [sys.executable, "-m", "router.cli", "check-config", str(path)], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "openweight", "check-config", str(path)], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 2
     assert "models.a.serve.pipeline_parallel_size" in proc.stderr

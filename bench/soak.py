@@ -24,11 +24,12 @@ import json
 import time
 from typing import Any
 
-from router.bench import report
-from router.bench.harness import Result, free_port, rss_bytes, run_load, workspace
-from router.bench.report import Column
-from router.bench.servers import fake_upstream, openweight
-from router.bench.stack import MODEL, engine_processes, kill_engine, local_stack, stack_config, write_config
+from bench import report
+from bench.harness import Result, rss_bytes, run_load, workspace
+from bench.report import Column
+from bench.servers import fake_upstream, openweight
+from bench.stack import MODEL, engine_processes, kill_engine, local_stack, stack_config, write_config
+from router.net import free_port
 
 OUTCOMES = ("cluster", "fallback", "broken", "cut", "failed")
 

@@ -1,5 +1,9 @@
 """``openweight bench <suite>``: benchmarks that print a table, write JSON and draw a chart.
 
+A package of its own, above the router and the cluster side (it starts both), installed with the
+``bench`` extra and not shipped in the router image; :func:`register` adds its verbs to the
+``openweight`` command (:mod:`openweight.cli`).
+
 Suites: ``overhead`` (openweight and LiteLLM against a fast fake upstream), ``failover`` (time to
 first token while the cluster refuses, hangs or answers 503, and back), ``e2e`` (the local stack
 against vLLM's own server), ``soak`` (a vLLM replica killed under load). ``router`` is ``overhead``
@@ -15,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 _SUITES = {
-    "overhead": ("router.bench.overhead", "latency and CPU openweight and LiteLLM add over a fast fake upstream"),
-    "router": ("router.bench.overhead", "the overhead suite without LiteLLM (openweight only)"),
-    "failover": ("router.bench.failover", "time to first token while the cluster refuses, hangs or answers 503"),
-    "e2e": ("router.bench.e2e", "tokens/s and TTFT through the local stack vs vLLM's own server"),
-    "soak": ("router.bench.soak", "steady streaming load while the vLLM replica is killed"),
+    "overhead": ("bench.overhead", "latency and CPU openweight and LiteLLM add over a fast fake upstream"),
+    "router": ("bench.overhead", "the overhead suite without LiteLLM (openweight only)"),
+    "failover": ("bench.failover", "time to first token while the cluster refuses, hangs or answers 503"),
+    "e2e": ("bench.e2e", "tokens/s and TTFT through the local stack vs vLLM's own server"),
+    "soak": ("bench.soak", "steady streaming load while the vLLM replica is killed"),
 }
 
 
@@ -82,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if result.get("failed") else 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: Any) -> None:
     """Add ``bench <suite>`` to the ``openweight`` command line."""
     bench = subparsers.add_parser("bench", help="benchmarks: print a table, write JSON and a chart")
     suites = bench.add_subparsers(dest="suite", required=True)
