@@ -31,7 +31,8 @@ from typing import Any, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster.engine_args import RESERVED, engine_arg_names
-from cluster.model import BUILTIN_PREFIX, ModelError, builtin_model
+from cluster.errors import ClusterConfigError, ModelError
+from cluster.model import BUILTIN_PREFIX, builtin_model
 from router.settings import ConfigError, Settings, load_settings
 from router.settings import problems as config_problems
 
@@ -236,7 +237,7 @@ class ServeSpec(_Strict):
 
 
 def parse_serve_specs(blocks: Mapping[str, Any]) -> dict[str, ServeSpec]:
-    """Validate ``serve`` blocks keyed by model name; raise :class:`ConfigError` naming each bad key."""
+    """Validate ``serve`` blocks keyed by model name; raise :class:`ClusterConfigError` naming each bad key."""
     specs: dict[str, ServeSpec] = {}
     problems: list[str] = []
     for name, block in blocks.items():
@@ -245,7 +246,7 @@ def parse_serve_specs(blocks: Mapping[str, Any]) -> dict[str, ServeSpec]:
         except ValidationError as exc:
             problems.extend(config_problems(exc, f"models.{name}.serve"))
     if problems:
-        raise ConfigError("\n".join(problems))
+        raise ClusterConfigError("\n".join(problems))
     return specs
 
 
@@ -257,7 +258,7 @@ def serve_specs(settings: Settings) -> dict[str, ServeSpec]:
     for name in specs:
         model_id = settings.cluster_model_id(name)
         if model_id in seen:
-            raise ConfigError(
+            raise ClusterConfigError(
                 f"models.{name}.cluster_model: {model_id!r} is already hosted for models.{seen[model_id]}"
             )
         seen[model_id] = name
@@ -265,8 +266,14 @@ def serve_specs(settings: Settings) -> dict[str, ServeSpec]:
 
 
 def load_cluster_config(path: str | os.PathLike[str] | None = None) -> tuple[Settings, dict[str, ServeSpec]]:
-    """Read the config file (``router.settings.load_settings``) and validate every ``serve`` block."""
-    settings = load_settings(path)
+    """Read the config file (``router.settings.load_settings``) and validate every ``serve`` block.
+
+    Every problem is a :class:`ClusterConfigError`, those of the router's part of the file included.
+    """
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        raise ClusterConfigError(str(exc)) from None
     return settings, serve_specs(settings)
 
 

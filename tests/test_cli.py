@@ -34,7 +34,7 @@ def test_the_router_imports_neither_the_cluster_side_nor_the_benchmarks() -> Non
 
 def test_the_cluster_side_does_not_import_the_command_line_of_the_router_or_the_benchmarks() -> None:
     done = _python(
-        "import sys, cluster.cli, cluster.stack, cluster.runtime\n"
+        "import sys, cluster.cli, cluster.stack, cluster.foreground, cluster.runtime\n"
         "print(sorted(m for m in sys.modules if m in ('router.cli', 'bench', 'openweight')))\n"
     )
     assert done.returncode == 0, done.stderr
