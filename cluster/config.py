@@ -28,12 +28,12 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from cluster.engine_args import RESERVED, engine_arg_names
 from cluster.errors import ClusterConfigError, ModelError
 from cluster.model import BUILTIN_PREFIX, builtin_model
-from router.settings import ConfigError, Settings, load_settings
+from router.settings import ConfigError, Settings, Strict, load_settings
 from router.settings import problems as config_problems
 
 BUILTIN_CPU_ENGINE_DEFAULTS: dict[str, Any] = {
@@ -70,11 +70,7 @@ class Accelerator(StrEnum):
     GPU = "gpu"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Replicas(_Strict):
+class Replicas(Strict):
     """How many replicas of the model run; Serve autoscales between ``min`` and ``max``."""
 
     min: int = Field(1, ge=0, description="Fewest replicas; 0 lets the model scale to zero when idle.")
@@ -101,7 +97,7 @@ class Replicas(_Strict):
         return self.min != self.max
 
 
-class ServeSpec(_Strict):
+class ServeSpec(Strict):
     """How the cluster hosts one model (the model's ``serve:`` block)."""
 
     source: str = Field(

@@ -209,11 +209,17 @@ def _value(enum: Any) -> str:
     return str(getattr(enum, "value", enum))
 
 
+def _deployment(name: str, deployment: Any) -> str:
+    """One deployment's status and its replicas by state: ``name: HEALTHY (1 RUNNING, 1 STARTING)``."""
+    replicas = ", ".join(f"{n} {_value(state)}" for state, n in deployment.replica_states.items())
+    return f"{name}: {_value(deployment.status)} ({replicas or 'no replicas'})"
+
+
 def _describe(app: Any) -> str:
+    """An application's deployments on one line (progress while it deploys)."""
     parts = []
     for name, deployment in app.deployments.items():
-        replicas = ", ".join(f"{n} {_value(state)}" for state, n in deployment.replica_states.items())
-        line = f"{name}: {_value(deployment.status)} ({replicas or 'no replicas'})"
+        line = _deployment(name, deployment)
         if deployment.message:
             line += f" - {deployment.message}"
         parts.append(line)
@@ -282,8 +288,7 @@ def status_text() -> str:
     for app_name, app in status.applications.items():
         lines.append(f"{app_name}: {_value(app.status)} {app.message or ''}".rstrip())
         for dep_name, dep in app.deployments.items():
-            states = ", ".join(f"{n} {_value(s)}" for s, n in dep.replica_states.items())
-            lines.append(f"  {dep_name}: {_value(dep.status)} ({states or 'no replicas'})")
+            lines.append(f"  {_deployment(dep_name, dep)}")
             if dep.message:
                 lines.append(f"    {dep.message}")
     return "\n".join(lines)
