@@ -20,8 +20,9 @@ import pytest
 import yaml
 
 from bench.harness import answers
+from router.net import free_port
 from router.testing import Behavior, FakeUpstream
-from tests.conftest import MODEL, chat, free_port
+from tests.support import MODEL, chat
 
 SECRET = "sk-live-0123456789abcdef-never-leak"
 
