@@ -48,7 +48,7 @@ start in ~30 s instead of minutes of torch.compile). ``stream_interval``: after 
 stream tokens four at a time. A CPU engine gives each stream a token every 70-200 ms, too slowly
 for Ray Serve's 50 ms batching to group any, so every token would cross the LLM replica, a Ray
 actor stream and the ingress replica on its own; in groups of four those cost 30-60% less CPU per
-token, which on a small machine goes to the engine instead (see the README's e2e figures).
+token, which on a small machine goes to the engine instead (see docs/performance.md, the e2e figures).
 ``engine_args`` overrides each (``stream_interval: 1`` streams every token)."""
 
 CPU_ENV_DEFAULTS: dict[str, str] = {
