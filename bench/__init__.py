@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 from importlib import import_module
 from pathlib import Path
 from typing import Any
@@ -81,9 +82,28 @@ def _run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         result: dict[str, Any] = module.run(args)
+    except Exception as exc:
+        found = _failure(exc)
+        if found is None:
+            raise
+        message, code = found
+        print(f"openweight bench {args.suite}: {message}", file=sys.stderr)
+        return code
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 1 if result.get("failed") else 0
+
+
+def _failure(exc: Exception) -> tuple[str, int] | None:
+    """The line and exit status a suite ends with after ``exc``: a process it needs did not start
+    (:class:`BenchError`, its log's tail already printed), or the local stack's failures
+    (:func:`cluster.errors.failure`: the config, a model, Ray, Ray or vLLM not installed)."""
+    from bench.harness import BenchError
+    from cluster.errors import failure
+
+    if isinstance(exc, BenchError):
+        return str(exc), 1
+    return failure(exc)
 
 
 def register(subparsers: Any) -> None:

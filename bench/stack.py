@@ -53,10 +53,7 @@ def write_config(config: dict[str, Any], directory: Path) -> Path:
 @contextlib.contextmanager
 def local_stack(path: Path, log: IO[bytes], *, direct_ingress: bool = False) -> Iterator[Any]:
     """The cluster side of ``openweight run`` (no router) for the config at ``path``."""
-    try:
-        from cluster.stack import LocalStack
-    except ImportError as exc:
-        raise RuntimeError(f"the local stack needs the cluster side (pip install -e '.[cpu]'): {exc}") from None
+    from cluster.stack import LocalStack
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

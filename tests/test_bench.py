@@ -134,3 +134,12 @@ def test_e2e_engine_args_are_key_value_pairs_with_yaml_values(capsys: pytest.Cap
         main(["bench", "e2e", "--engine-arg", "stream_interval"])
     assert exit_.value.code == 2
     assert "expected KEY=VALUE, got 'stream_interval'" in capsys.readouterr().err
+
+
+def test_a_suite_that_cannot_start_what_it_needs_ends_with_one_line(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # The e2e suite's config for the local stack is refused before any process starts.
+    code = main(["bench", "e2e", "--engine-arg", "model=other", "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("openweight bench e2e: ") and "'model' is not allowed here" in err, err
