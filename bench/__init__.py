@@ -96,13 +96,16 @@ def _run(args: argparse.Namespace) -> int:
 
 def _failure(exc: Exception) -> tuple[str, int] | None:
     """The line and exit status a suite ends with after ``exc``: a process it needs did not start
-    (:class:`BenchError`, its log's tail already printed), or the local stack's failures
-    (:func:`cluster.errors.failure`: the config, a model, Ray, Ray or vLLM not installed)."""
+    (:class:`BenchError`, its log's tail already printed), matplotlib is missing for the chart, or
+    the local stack failed (:func:`cluster.errors.failure`: the config, a model, Ray, Ray or vLLM
+    not installed)."""
     from bench.harness import BenchError
     from cluster.errors import failure
 
     if isinstance(exc, BenchError):
         return str(exc), 1
+    if isinstance(exc, ModuleNotFoundError) and exc.name == "matplotlib":
+        return "matplotlib is not installed (pip install '.[bench]', or pass --no-chart)", 1
     return failure(exc)
 
 

@@ -2,8 +2,8 @@
 
 ``openweight run`` and ``openweight cluster up`` (without ``RAY_ADDRESS``) run
 :func:`serve_until_stopped`. SIGTERM is turned into an exception like Ctrl-C's, so that both
-unwind through every ``finally`` and stop what was started; a second signal during the stop does
-not cut it short.
+unwind through every ``finally`` and stop what was started; a second signal during the stop ends
+it quietly (Ray's folder, with its token, is removed even then: :meth:`cluster.runtime.LocalRay.shutdown`).
 """
 
 from __future__ import annotations
