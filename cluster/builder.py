@@ -25,9 +25,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cluster.config import Accelerator, ServeSpec, parse_serve_specs
+from cluster.errors import ClusterConfigError
 from cluster.model import resolve_source
 from cluster.placement import placement
-from router.settings import ConfigError, Settings
+from router.settings import Settings
 
 APP_NAME = "openweight"
 ROUTE_PREFIX = "/"
@@ -93,7 +94,7 @@ def llm_configs(specs: Mapping[str, ServeSpec], *, resolve: Resolver = resolve_s
 def cluster_specs(settings: Settings, specs: Mapping[str, ServeSpec]) -> dict[str, ServeSpec]:
     """Re-key ``specs`` (by public name) by the model id the cluster serves."""
     if not specs:
-        raise ConfigError("models: no model has a `serve` block, so the cluster has nothing to host")
+        raise ClusterConfigError("models: no model has a `serve` block, so the cluster has nothing to host")
     return {settings.cluster_model_id(name): spec for name, spec in specs.items()}
 
 
@@ -111,7 +112,7 @@ def app_from_args(args: dict[str, Any]) -> Any:
     """
     models = args.get("models")
     if not isinstance(models, Mapping) or not models:
-        raise ConfigError("args.models: a mapping of model id to `serve` block is required")
+        raise ClusterConfigError("args.models: a mapping of model id to `serve` block is required")
     specs = parse_serve_specs(models)
     return build_app(llm_configs(specs))
 

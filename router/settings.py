@@ -34,7 +34,9 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names every bad key."""
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Base of every config section: unknown keys are errors, values are frozen once validated."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -62,7 +64,7 @@ class Continuation(StrEnum):
     """A trailing assistant message alone is continued."""
 
 
-class CircuitConfig(_Strict):
+class CircuitConfig(Strict):
     """Circuit breaker of one upstream."""
 
     failure_threshold: int = Field(5, ge=1, description="Consecutive failures that open the circuit.")
@@ -74,7 +76,7 @@ class CircuitConfig(_Strict):
     )
 
 
-class UpstreamConfig(_Strict):
+class UpstreamConfig(Strict):
     """Fields shared by the cluster and every provider."""
 
     url: str = Field(description="Base URL of the OpenAI-compatible API, including the /v1 suffix.")
@@ -154,14 +156,14 @@ class ProviderConfig(UpstreamConfig):
         return self.api_key_env is None or bool(self.api_key())
 
 
-class Fallback(_Strict):
+class Fallback(Strict):
     """One provider that serves the same model, under the provider's own model id."""
 
     provider: str = Field(description="Key of an entry under `providers`.")
     model: str = Field(description="The provider's id for this model.")
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """A model clients can ask for by its public name."""
 
     policy: Policy = Field(Policy.SELF_HOSTED_FIRST, description="Routing policy.")
@@ -178,7 +180,7 @@ class ModelConfig(_Strict):
     )
 
 
-class RetryConfig(_Strict):
+class RetryConfig(Strict):
     """Retries of one upstream (tenacity, exponential backoff with jitter).
 
     Only the last target of a request is retried: while another target remains, moving on to it
@@ -193,7 +195,7 @@ class RetryConfig(_Strict):
     )
 
 
-class RateLimit(_Strict):
+class RateLimit(Strict):
     """A token bucket: `requests_per_minute` on average, at most `burst` at once."""
 
     requests_per_minute: float = Field(gt=0, description="Average request rate allowed.")
@@ -210,7 +212,7 @@ class RateLimit(_Strict):
         return self.burst or max(1, math.ceil(self.requests_per_minute / 60.0))
 
 
-class ApiKey(_Strict):
+class ApiKey(Strict):
     """A client key as stored in the keys file: only its SHA-256 is kept."""
 
     name: str = Field(description="Who holds the key (logs and error messages use this, never the key).")
@@ -232,7 +234,7 @@ class ApiKey(_Strict):
         return self
 
 
-class AuthConfig(_Strict):
+class AuthConfig(Strict):
     """Client authentication."""
 
     keys_file: Path | None = Field(None, description="YAML file with a list of `ApiKey` entries.")
@@ -244,7 +246,7 @@ class AuthConfig(_Strict):
     )
 
 
-class RouterConfig(_Strict):
+class RouterConfig(Strict):
     """The router process."""
 
     host: str = Field("127.0.0.1", description="Address to listen on.")

@@ -22,7 +22,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -30,6 +30,7 @@ from typing import Any, Self
 import uvicorn
 
 from router.asgi import Receive, Scope, Send, until_disconnect
+from router.server_thread import ServerThread
 
 PROMPT_TOKENS = 7
 """``usage.prompt_tokens`` of every answer."""
@@ -157,8 +158,7 @@ class FakeUpstream:
         self._disconnects = 0
         self._acknowledged = 0
         self._cond = threading.Condition()
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._thread: ServerThread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: asyncio.Event | None = None
 
@@ -184,25 +184,17 @@ class FakeUpstream:
         logging.getLogger("uvicorn.error").addFilter(_QUIET_CUTS)
         config = uvicorn.Config(self, host="127.0.0.1", port=self.port, lifespan="off",
                                 log_level="warning", access_log=False, timeout_graceful_shutdown=5)
-        self._server = server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._run, name=f"fake-{self.name}", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"fake upstream {self.name} did not start on port {self.port}")
-            time.sleep(0.002)
-        self.port = server.servers[0].sockets[0].getsockname()[1]
+        self._thread = ServerThread(config, f"fake upstream {self.name}", main=self._serve)
+        self.port = self._thread.start()
 
     def stop(self) -> None:
         """Release pending requests, stop serving and join the thread."""
-        if self._server is None or self._thread is None:
+        if self._thread is None:
             return
         if self._loop is not None and self._closing is not None:
             self._loop.call_soon_threadsafe(self._closing.set)
-        self._server.should_exit = True
-        self._thread.join(10)
-        self._server = self._thread = None
+        self._thread.stop()
+        self._thread = None
 
     def __enter__(self) -> Self:
         self.start()
@@ -212,20 +204,10 @@ class FakeUpstream:
                  tb: TracebackType | None) -> None:
         self.stop()
 
-    def _run(self) -> None:
-        try:
-            import uvloop
-            factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
-        except ImportError:  # pragma: no cover
-            factory = None
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(self._serve())
-
-    async def _serve(self) -> None:
-        assert self._server is not None
+    async def _serve(self, server: uvicorn.Server) -> None:
         self._loop = asyncio.get_running_loop()
         self._closing = asyncio.Event()
-        await self._server.serve()  # uvicorn installs no signal handlers outside the main thread
+        await server.serve()
 
     def _note_disconnect(self, received: Received) -> None:
         received.disconnected = True

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from router.bench.e2e import engine_arg
-from router.bench.harness import descendants, percentile, stop_group
-from router.bench.report import Column, table
-from router.bench.stack import engine_processes, serve_processes
-from router.cli import main
+from bench.e2e import engine_arg
+from bench.harness import descendants, percentile, stop_group
+from bench.report import Column, table
+from bench.stack import engine_processes, serve_processes
+from openweight.cli import main
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -138,7 +138,7 @@ def test_e2e_engine_args_are_key_value_pairs_with_yaml_values(capsys: pytest.Cap
 
 def test_charts_draw_whatever_the_figures_are(tmp_path: Path) -> None:
     """A short run can measure 0 CPU ticks (/proc counts 10 ms ticks): the log-scaled charts still draw."""
-    from router.bench import failover, overhead
+    from bench import failover, overhead
 
     machine = {"cores": 2}
     for cpu in (0.0, 1.5):
@@ -150,3 +150,12 @@ def test_charts_draw_whatever_the_figures_are(tmp_path: Path) -> None:
         result = {"rows": [{"fault": "refused", "router": "openweight", "requests": requests, "healthy_ttft_ms": cpu}],
                   "date": "2026-12-06"}
         failover.chart(result).savefig(tmp_path / f"f{cpu}.png")
+
+
+def test_a_suite_that_cannot_start_what_it_needs_ends_with_one_line(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # The e2e suite's config for the local stack is refused before any process starts.
+    code = main(["bench", "e2e", "--engine-arg", "model=other", "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("openweight bench e2e: ") and "'model' is not allowed here" in err, err

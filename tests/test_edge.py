@@ -16,11 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.auth import KeyStore
-from router.cli import is_loopback
+from router.auth import KeyStore, is_loopback
 from router.settings import ApiKey, ConfigError, RateLimit
 from router.testing import Behavior, FakeUpstream
-from tests.conftest import MODEL, RouterServer, chat, make_settings
+from tests.support import MODEL, RouterServer, chat, make_settings
 
 KEY = "ow-test-key-1"
 OTHER = "ow-test-key-2"

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from router.testing import Behavior
-from tests.conftest import MODEL, RouterServer, chat, make_settings, refused_url
+from tests.support import MODEL, RouterServer, chat, make_settings, refused_url
 
 
 def test_cluster_serves_first_and_gets_the_request_untouched(fakes):

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from router.settings import Settings
 from router.testing import Behavior, FakeUpstream
-from tests.conftest import RouterServer, chat, make_settings
+from tests.support import RouterServer, chat, make_settings
 
 KEY = "sk-prov/a+b=c"
 """Provider A's key; the slash and plus give it distinct JSON-escaped and percent-encoded forms."""

@@ -12,7 +12,7 @@ import pytest
 
 from router.settings import Settings
 from router.testing import PROMPT_TOKENS, Behavior, FakeUpstream
-from tests.conftest import MODEL, RouterServer, chat, make_settings
+from tests.support import MODEL, RouterServer, chat, make_settings
 
 SSE = {"content-type": "text/event-stream"}
 

@@ -6,7 +6,7 @@ import json
 import socket
 
 from router.testing import Behavior
-from tests.conftest import RouterServer, chat, make_settings
+from tests.support import RouterServer, chat, make_settings
 
 
 def events(text: str) -> list[str]:

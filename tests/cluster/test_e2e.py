@@ -19,9 +19,9 @@ import httpx
 import pytest
 import yaml
 
+from router.net import free_port
 from router.testing import FakeUpstream
 from tests.cluster.support import HAS_RAY, HAS_VLLM
-from tests.conftest import free_port
 from tests.deploy import support as deploy_support
 
 MODEL = "smollm2-135m-instruct"

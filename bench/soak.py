@@ -24,11 +24,12 @@ import json
 import time
 from typing import Any
 
-from router.bench import report
-from router.bench.harness import Result, free_port, rss_bytes, run_load, workspace
-from router.bench.report import Column
-from router.bench.servers import fake_upstream, openweight
-from router.bench.stack import MODEL, engine_processes, kill_engine, local_stack, stack_config, write_config
+from bench import report
+from bench.harness import BenchError, Result, rss_bytes, run_load, workspace
+from bench.report import Column
+from bench.servers import fake_upstream, openweight
+from bench.stack import MODEL, engine_processes, kill_engine, local_stack, stack_config, write_config
+from router.net import free_port
 
 OUTCOMES = ("cluster", "fallback", "broken", "cut", "failed")
 
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with fake_upstream(fallback, log, chunks=args.max_tokens, chunk_delay_s=args.fallback_chunk_delay), \
                 local_stack(path, log), openweight(config, config["router"]["port"], tmp, log) as router:
             if not engine_processes():
-                raise RuntimeError("no vLLM engine process (VLLM::EngineCore) found below this process")
+                raise BenchError("no vLLM engine process (VLLM::EngineCore) found below this process")
             url = f"http://127.0.0.1:{config['router']['port']}/v1/chat/completions"
             events = asyncio.run(_soak(url, body, router.pid, args))
     counts = collections.Counter(o for _, _, o in events["results"])

@@ -26,11 +26,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from router.bench import litellm, names, report
-from router.bench.harness import Result, client_session, fetch, free_port, percentile, workspace
-from router.bench.overhead import request_body
-from router.bench.report import Column
-from router.bench.servers import MODEL, fake_upstream, openweight, router_config
+from bench import litellm, names, report
+from bench.harness import Result, client_session, fetch, percentile, workspace
+from bench.overhead import request_body
+from bench.report import Column
+from bench.servers import MODEL, fake_upstream, openweight, router_config
+from router.net import free_port
 
 FAULTS = ("refuse", "hang", "503")
 ROUTERS = ("openweight", "litellm")

@@ -30,11 +30,11 @@ from typing import Any
 
 import yaml
 
-from router.bench import report
-from router.bench.harness import percentile, run_load, workspace
-from router.bench.report import Column
-from router.bench.servers import openweight
-from router.bench.stack import (
+from bench import report
+from bench.harness import percentile, run_load, workspace
+from bench.report import Column
+from bench.servers import openweight
+from bench.stack import (
     MODEL,
     engine_processes,
     local_stack,

@@ -2,7 +2,7 @@
 
 One fake upstream (``python -m router.testing``) answers at once; a second fake is every router's
 fallback provider (configured, never used while the first answers). The same requests go straight
-to the fake (``direct``), through ``floor`` (:mod:`router.bench.floor`: a bare pass-through proxy on
+to the fake (``direct``), through ``floor`` (:mod:`bench.floor`: a bare pass-through proxy on
 uvicorn, the least any Python proxy on this stack costs; ``floor-aiohttp``: the same with the
 router's HTTP client), through openweight and through LiteLLM's
 proxy, plain and streaming, at each concurrency, the targets taking turns so that they share the
@@ -24,10 +24,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from router.bench import litellm, report
-from router.bench.harness import free_port, percentile, run_load, workspace
-from router.bench.report import Column
-from router.bench.servers import MODEL, fake_upstream, floor_proxy, openweight, router_config
+from bench import litellm, report
+from bench.harness import percentile, run_load, workspace
+from bench.report import Column
+from bench.servers import MODEL, fake_upstream, floor_proxy, openweight, router_config
+from router.net import free_port
 
 TARGETS = ("direct", "floor", "floor-aiohttp", "openweight", "litellm")
 

@@ -1,7 +1,7 @@
 """The real local stack for the ``e2e`` and ``soak`` suites, and vLLM's own server to compare with.
 
 The stack is the cluster side's :class:`cluster.stack.LocalStack` (models, a private Ray, the Serve
-app) without its router: the suites start the router themselves (:func:`router.bench.servers.openweight`)
+app) without its router: the suites start the router themselves (:func:`bench.servers.openweight`)
 to know its process. vLLM's own OpenAI server runs the same model folder with the same engine
 arguments and environment as the Serve replica.
 """
@@ -20,7 +20,8 @@ from typing import IO, Any
 
 import yaml
 
-from router.bench.harness import descendants, free_port, service
+from bench.harness import descendants, service
+from router.net import free_port
 
 MODEL = "smollm2-135m-instruct"
 """The built-in model (``builtin:smollm2-135m-instruct``): CPU is enough."""
@@ -52,10 +53,7 @@ def write_config(config: dict[str, Any], directory: Path) -> Path:
 @contextlib.contextmanager
 def local_stack(path: Path, log: IO[bytes], *, direct_ingress: bool = False) -> Iterator[Any]:
     """The cluster side of ``openweight run`` (no router) for the config at ``path``."""
-    try:
-        from cluster.stack import LocalStack
-    except ImportError as exc:
-        raise RuntimeError(f"the local stack needs the cluster side (pip install -e '.[cpu]'): {exc}") from None
+    from cluster.stack import LocalStack
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

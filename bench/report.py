@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from router.bench.harness import load_average
+from bench.harness import load_average
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -46,8 +46,8 @@ def machine() -> dict[str, Any]:
 def command() -> str:
     """How this benchmark was started, as a user would type it."""
     program = sys.argv[0]
-    if program.endswith(os.path.join("router", "cli.py")):
-        return shlex.join(["python", "-m", "router.cli", *sys.argv[1:]])
+    if program.endswith((os.path.join("openweight", "__main__.py"), os.path.join("openweight", "cli.py"))):
+        return shlex.join(["python", "-m", "openweight", *sys.argv[1:]])
     return shlex.join([os.path.basename(program), *sys.argv[1:]])
 
 

@@ -1,6 +1,6 @@
 """The least a Python proxy on uvicorn can do: the ``floor`` targets of ``openweight bench overhead``.
 
-``python -m router.bench.floor --port P --upstream http://127.0.0.1:U`` serves a pure ASGI app on
+``python -m bench.floor --port P --upstream http://127.0.0.1:U`` serves a pure ASGI app on
 uvicorn (uvloop, httptools, no access log, like the router) that passes each request to the
 upstream over a pool of kept-alive connections with a minimal HTTP/1.1 client (an asyncio protocol
 and httptools' response parser) and relays the answer chunk by chunk. It has no routing, no
@@ -154,7 +154,7 @@ class AiohttpFloorProxy(FloorProxy):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m router.bench.floor", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="base URL of the upstream, e.g. http://127.0.0.1:9000")
     parser.add_argument("--client", choices=("minimal", "aiohttp"), default="minimal",
