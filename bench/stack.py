@@ -39,7 +39,8 @@ def stack_config(*, fallback_url: str | None = None, cluster: dict[str, Any] | N
         "models": {MODEL: model},
     }
     if fallback_url is not None:
-        config["providers"] = {"fallback": {"url": fallback_url}}
+        # It continues a stream the cluster broke off (as a vLLM- or SGLang-based provider would).
+        config["providers"] = {"fallback": {"url": fallback_url, "continuation": "continue_final_message"}}
         model["fallbacks"] = [{"provider": "fallback", "model": MODEL}]
     return config
 

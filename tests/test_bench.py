@@ -159,3 +159,20 @@ def test_a_suite_that_cannot_start_what_it_needs_ends_with_one_line(tmp_path: Pa
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("openweight bench e2e: ") and "'model' is not allowed here" in err, err
+
+
+def test_soak_reads_resumes_and_the_resume_gap_from_a_metrics_page() -> None:
+    from bench.soak import histogram_quantile, metric_sum
+
+    page = "\n".join([
+        'openweight_stream_resumes_total{from_upstream="cluster",model="m",outcome="success",to_upstream="f"} 3.0',
+        'openweight_stream_resumes_total{from_upstream="cluster",model="m",outcome="failed",to_upstream="none"} 1.0',
+        'openweight_stream_resume_gap_seconds_bucket{le="0.1",model="m"} 1.0',
+        'openweight_stream_resume_gap_seconds_bucket{le="0.5",model="m"} 3.0',
+        'openweight_stream_resume_gap_seconds_bucket{le="+Inf",model="m"} 4.0',
+    ])
+    assert metric_sum(page, "openweight_stream_resumes_total", outcome="success") == 3
+    assert metric_sum(page, "openweight_stream_resumes_total") == 4
+    assert histogram_quantile(page, "openweight_stream_resume_gap_seconds", 0.5) == 0.3
+    assert histogram_quantile(page, "openweight_stream_resume_gap_seconds", 0.99) == 0.5
+    assert histogram_quantile("", "openweight_stream_resume_gap_seconds", 0.5) is None
