@@ -110,7 +110,7 @@ def _probe(url: str) -> str:
 def _status(args: argparse.Namespace) -> int:
     address = os.environ.get("RAY_ADDRESS")
     if args.config:
-        from router.settings import load_settings
+        from router.config_file import load_settings
 
         print(_probe(load_settings(args.config).cluster.url))
     if not address:
