@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from router import policy
-from router.auth import KeyStore, RateLimiter
+from router.auth import KeyStore, Principal, RateLimiter
+from router.cost import ClusterCost
 from router.dispatch import Dispatcher
 from router.errors import (
     ClientDisconnected,
@@ -28,6 +29,8 @@ from router.relay import SHUTDOWN_MESSAGE, relay
 from router.schemas import Endpoint, ParsedRequest, parse_request
 from router.server import REQUEST_FAILED
 from router.settings import Settings
+from router.spend import Spend, Ticket
+from router.state import LocalState
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -110,6 +113,8 @@ class Endpoints:
         health: Health,
         dispatcher: Dispatcher,
         metrics: Metrics,
+        spend: Spend | None = None,
+        cost: ClusterCost | None = None,
     ) -> None:
         self.settings = settings
         self.keys = keys
@@ -117,13 +122,17 @@ class Endpoints:
         self.health = health
         self.dispatcher = dispatcher
         self.metrics = metrics
+        self.spend = spend or Spend(settings, metrics, LocalState(limiter))
+        self.cost = cost
 
     async def inference(self, request: Request, endpoint: Endpoint) -> None:
         observer: RequestObserver | None = None
+        principal: Principal | None = None
+        ticket: Ticket | None = None
         status = 500
         try:
             principal = self.keys.authenticate(request.header(b"authorization"))
-            self.limiter.check(principal)
+            self.spend.check_rate(principal)
             content_type = request.header(b"content-type")
             if content_type is not None and content_type.split(";")[0].strip().lower() != "application/json":
                 raise UnsupportedMediaType(f"content-type must be application/json, not {content_type!r}")
@@ -131,19 +140,25 @@ class Endpoints:
             if parsed.model not in self.settings.models:
                 raise ModelNotFound(f"the model {parsed.model!r} does not exist", param="model")
             principal.check_model(parsed.model)
-            observer = self.metrics.observe(parsed.model)
-            plan = policy.plan(self.settings, parsed.model, self.health.snapshot())
+            snapshot = self.health.snapshot()
+            ticket = await self.spend.admit(principal, parsed, snapshot)  # state I/O: before the policy
+            observer = self.metrics.observe(parsed.model, principal.name)
+            plan = policy.plan(self.settings, parsed.model, snapshot, ticket.exhausted)
             observer.add_overhead(time.perf_counter() - request.start)
             status = await self._serve(request, parsed, plan, observer)
         except OpenWeightError as error:
             status = error.status
             if observer is None and isinstance(error, ClientError):
-                observer = self.metrics.observe(NONE)
+                observer = self.metrics.observe(NONE, principal.name if principal is not None else NONE)
             if not request.started_response and not isinstance(error, ClientDisconnected):
                 await request.respond_error(error)
         finally:
             if observer is not None:
                 observer.finish(status)
+            if ticket is not None:  # settlement: after the answer
+                upstream = observer.upstream if observer is not None else NONE
+                served = upstream != NONE and (status < 300 or status == CLIENT_CLOSED)
+                await self.spend.settle(ticket, upstream, observer.tokens if observer else None, served=served)
 
     async def _serve(
         self, request: Request, parsed: ParsedRequest, plan: policy.Plan, observer: RequestObserver
@@ -222,6 +237,9 @@ class Endpoints:
 
     async def metrics_endpoint(self, request: Request) -> None:
         self.health.publish()
+        await self.spend.refresh()
+        if self.cost is not None:
+            self.cost.accrue()
         for model, up in self.upstreams_up().items():
             self.metrics.child(self.metrics.model_upstreams_up, model).set(up)
         await request.respond(200, self.metrics.exposition(), content_type="text/plain; version=0.0.4")

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from router.health import CircuitState, HealthSnapshot
 from router.settings import CLUSTER, Policy, Settings
 
+BUDGET = "budget"
+"""Fallback reason: a provider past its budget for the period is skipped."""
+
 
 @dataclass(frozen=True, slots=True)
 class Target:
@@ -67,8 +70,9 @@ def cluster_overloaded(settings: Settings, model: str, snapshot: HealthSnapshot)
     return limit is not None and snapshot.cluster_in_flight >= limit
 
 
-def plan(settings: Settings, model: str, snapshot: HealthSnapshot) -> Plan:
-    """The plan for one request: open circuits and upstreams in Retry-After are skipped.
+def plan(settings: Settings, model: str, snapshot: HealthSnapshot, exhausted: frozenset[str] = frozenset()) -> Plan:
+    """The plan for one request: open circuits, upstreams in Retry-After and providers in
+    `exhausted` (past their budget) are skipped.
 
     An upstream that asked for time (Retry-After) is still tried last when nothing else is left,
     because a short wait for it beats failing the request; an open circuit never is.
@@ -80,7 +84,9 @@ def plan(settings: Settings, model: str, snapshot: HealthSnapshot) -> Plan:
         steps.append(Skip(ordered[-1], "spillover"))  # counted as a fallback when a provider takes it
     for target in ordered:
         health = snapshot.upstreams[target.upstream]
-        if health.state is CircuitState.OPEN:
+        if target.upstream in exhausted:
+            steps.append(Skip(target, BUDGET))
+        elif health.state is CircuitState.OPEN:
             steps.append(Skip(target, "circuit_open"))
         elif health.deferred:
             steps.append(Skip(target, "overloaded"))
