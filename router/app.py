@@ -175,6 +175,10 @@ def create_app(
     dispatcher = Dispatcher(upstreams, health, settings.router.retry, settings.router.deadline_s, clock)
     keys = keys if keys is not None else KeyStore.from_config(settings.router.auth)
     limiter = RateLimiter()
+    if state is None and settings.router.state.redis_url is not None:
+        from router.state_redis import RedisState  # only a router with shared state needs redis-py
+
+        state = RedisState(settings.router.state)
     key_budgets = {p.name: p.budget for p in keys.principals if p.budget is not None}
     spend = Spend(settings, metrics, LocalState(limiter), state, key_budgets)
     cost = ClusterCost(settings, metrics, replicas or ConfiguredReplicas(settings))
