@@ -16,6 +16,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 NONE = "none"
 
+MAX_TOKENS = 10**12
+"""The most tokens one `usage` counts: an upstream's JSON may carry integers no float holds."""
+
 STATE_ADMIT = "admit"
 """`operation` of openweight_state_errors_total: the check and reservation before the policy."""
 STATE_SETTLE = "settle"
@@ -157,6 +160,8 @@ class RequestObserver:
             self._first_byte_at = time.perf_counter()
 
     def usage(self, prompt: int, completion: int) -> None:
+        """The upstream's `usage`; counts out of range (negative, or past any real answer) are clamped."""
+        prompt, completion = min(max(0, prompt), MAX_TOKENS), min(max(0, completion), MAX_TOKENS)
         self.tokens = (prompt, completion)
         if prompt > 0:
             self._m.child(self._m.tokens, self.model, self.upstream, "prompt", self.key).inc(prompt)

@@ -137,10 +137,10 @@ class Price(_Strict):
     """What a provider charges for a model, in USD per million tokens."""
 
     input_per_mtok: float = Field(
-        ge=0, allow_inf_nan=False, description="USD per million prompt (input) tokens."
+        ge=0, le=1_000_000, allow_inf_nan=False, description="USD per million prompt (input) tokens."
     )
     output_per_mtok: float = Field(
-        ge=0, allow_inf_nan=False, description="USD per million completion (output) tokens."
+        ge=0, le=1_000_000, allow_inf_nan=False, description="USD per million completion (output) tokens."
     )
 
 
@@ -154,7 +154,7 @@ class Period(StrEnum):
 class Budget(_Strict):
     """Most USD that may be spent per period (provider spend: `usage` x `price`)."""
 
-    usd: float = Field(gt=0, allow_inf_nan=False, description="USD allowed per period.")
+    usd: float = Field(gt=0, le=1_000_000_000, allow_inf_nan=False, description="USD allowed per period.")
     period: Period = Field(description="`day` or `month` (UTC); the spend starts again at 0 each period.")
 
 

@@ -53,11 +53,19 @@ log = logging.getLogger("openweight.router")
 BYTES_PER_TOKEN = 4
 """Bytes of request body counted as one prompt token in a reservation (English text averages ~4)."""
 _LOG_EVERY_S = 10.0
+_MAX_TOKENS = 10**12
+
+
+MAX_CHARGE = 2**53
+"""The most one request is ever charged, nano-USD (USD 9 million): an upstream's `usage` is not trusted
+to stay within the integers Redis and Lua count exactly."""
 
 
 def cost(price: Price, prompt: int, completion: int) -> int:
-    """nano-USD for `prompt` and `completion` tokens at `price` (USD per million tokens)."""
-    return round(prompt * price.input_per_mtok * 1000 + completion * price.output_per_mtok * 1000)
+    """nano-USD for `prompt` and `completion` tokens at `price` (USD per million tokens); token counts
+    below 0 count as 0, and the result is at most :data:`MAX_CHARGE`."""
+    prompt, completion = (min(max(0, tokens), _MAX_TOKENS) for tokens in (prompt, completion))
+    return min(MAX_CHARGE, round(prompt * price.input_per_mtok * 1000 + completion * price.output_per_mtok * 1000))
 
 
 def prices(settings: Settings) -> dict[tuple[str, str], Price]:

@@ -177,3 +177,18 @@ def test_reservations_of_a_router_that_died_expire(redis_server):
             await state.aclose()
 
     asyncio.run(scenario())
+
+
+def test_redis_killed_mid_request_the_answer_still_comes_and_is_counted(fakes, redis_server):
+    provider = fakes("p", default=Behavior(delay_before_headers_s=0.5))
+    with two_routers({"p": provider}, redis_server.url) as routers:
+        answers: list[httpx.Response] = []
+        worker = threading.Thread(target=lambda: answers.append(post(routers[0], BUDGET_KEY)))
+        worker.start()
+        while not provider.requests:  # admitted: its reservation is in Redis
+            time.sleep(0.01)
+        redis_server.stop()
+        worker.join()
+        assert answers[0].status_code == 200
+        assert routers[0].metric("openweight_state_errors_total", operation="settle") == 1
+        assert routers[0].metric("openweight_spend_usd_total", key="team-budget") == pytest.approx(COST)

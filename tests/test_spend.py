@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from router.auth import KeyStore
-from router.settings import ConfigError, Period, load_settings
+from router.settings import ApiKey, ConfigError, Period, load_settings
 from router.state import SCOPE_KEY, SCOPE_PROVIDER, Ask, BudgetCheck, Charge, LocalState
 from router.testing import PROMPT_TOKENS, Behavior
 from tests.conftest import MODEL, RouterServer
@@ -189,3 +189,24 @@ def test_metrics_show_no_key(fakes):
     with RouterServer(settings({"p": provider}), keys()) as router, router.client() as client:
         client.post("/v1/chat/completions", json=chat_body(), headers=bearer(BUDGET_KEY))
         assert BUDGET_KEY not in httpx.get(router.url + "/metrics").text
+
+
+def test_usage_an_upstream_makes_up_cannot_refund_or_overflow(fakes):
+    lying = json.dumps({"id": "x", "object": "chat.completion", "choices": [],
+                        "usage": {"prompt_tokens": -10**9, "completion_tokens": 10**400}}).encode()
+    provider = fakes("p")
+    provider.script(Behavior(body=lying))
+    with RouterServer(settings({"p": provider}), keys(budget_usd=0.05)) as router, router.client() as client:
+        assert client.post("/v1/chat/completions", json=chat_body(), headers=bearer(BUDGET_KEY)).status_code == 200
+        spent = router.metric("openweight_spend_usd_total", key="team-budget")
+        assert 0 < spent <= 2**53 / 1e9
+        assert client.post("/v1/chat/completions", json=chat_body(), headers=bearer(BUDGET_KEY)).status_code == 429
+
+
+def test_a_huge_max_tokens_reserves_at_most_the_cap(fakes):
+    provider = fakes("p", default=Behavior(delay_before_headers_s=0.5))
+    store = KeyStore([ApiKey(name="big", key="ow-big", budget={"usd": 100.0, "period": "day"})])
+    with RouterServer(settings({"p": provider}, state={"max_reserved_tokens": 1000}), store) as router:
+        # 1000 tokens at USD 2000 per million: USD 2 reserved, not 2000 x 10^12 / 10^6.
+        answers = concurrently([router.url] * 20, "ow-big", chat_body(max_tokens=10**12))
+        assert [a.status_code for a in answers] == [200] * 20
