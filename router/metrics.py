@@ -103,6 +103,8 @@ class Metrics:
             "openweight_state_errors", "Shared-state (Redis) operations that failed or timed out.",
             ["operation"], registry=r,
         )
+        for operation in (STATE_ADMIT, STATE_SETTLE, STATE_READ):
+            self.child(self.state_errors, operation)  # exported at 0, so that rate() sees the first error
         self.budget_used = Gauge(
             "openweight_budget_used_ratio", "Spend of the current period over the budget (1 = spent), as this "
             "router last read it; scope is key or provider, owner the key's or provider's name.",
