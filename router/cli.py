@@ -145,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=_check_config)
 
     for module, function in (
+        ("router.spend_cli", "register"),
         ("router.bench", "register"),
         ("cluster.cli", "register"),
         ("cluster.stack", "register_run"),

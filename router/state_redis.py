@@ -124,7 +124,7 @@ class RedisState:
         if config.redis_url is None and client is None:
             raise ValueError("RedisState needs router.state.redis_url")
         self._timeout = config.timeout_s
-        self._client = client or aioredis.Redis.from_url(
+        self.client: aioredis.Redis = client or aioredis.Redis.from_url(
             config.redis_url or "",
             socket_timeout=config.timeout_s,
             socket_connect_timeout=config.timeout_s,
@@ -136,8 +136,8 @@ class RedisState:
         self._slot_s = max(1, min(SLOT_S, math.ceil(config.reservation_ttl_s)))
         self._slots = math.ceil(config.reservation_ttl_s / self._slot_s) + 1
         self._slot_ttl_ms = int((config.reservation_ttl_s + self._slot_s) * 1000)
-        self._admit = self._client.register_script(_ADMIT)
-        self._settle = self._client.register_script(_SETTLE)
+        self._admit = self.client.register_script(_ADMIT)
+        self._settle = self.client.register_script(_SETTLE)
 
     def spent_key(self, scope: str, name: str, ident: str) -> str:
         return f"{self._prefix}:spent:{scope}:{quote(name, safe='')}:{ident}"
@@ -194,9 +194,9 @@ class RedisState:
 
     async def spent(self, scope: str, names: Sequence[str], period: Period, now: float) -> dict[str, int]:
         ident = period_id(period, now)
-        values = await self._call("read", self._client.mget([self.spent_key(scope, n, ident) for n in names]))
+        values = await self._call("read", self.client.mget([self.spent_key(scope, n, ident) for n in names]))
         return {name: int(value or 0) for name, value in zip(names, values, strict=True)}
 
     async def aclose(self) -> None:
         with contextlib.suppress(RedisError, OSError):
-            await self._client.aclose()
+            await self.client.aclose()

@@ -7,15 +7,20 @@ import contextlib
 import json
 import logging
 import math
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import redis
+import yaml
 
 from router.errors import QuotaExceeded
 from router.redis_testing import RedisServer
@@ -192,3 +197,40 @@ def test_redis_killed_mid_request_the_answer_still_comes_and_is_counted(fakes, r
         assert answers[0].status_code == 200
         assert routers[0].metric("openweight_state_errors_total", operation="settle") == 1
         assert routers[0].metric("openweight_spend_usd_total", key="team-budget") == pytest.approx(COST)
+
+
+def spend_cli(config: dict[str, Any], tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return subprocess.run([sys.executable, "-m", "router.cli", "spend", "--config", str(path), *args],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "OPENWEIGHT_API_KEYS": ""})
+
+
+def test_openweight_spend_reads_the_shared_state(fakes, redis_server, tmp_path):
+    provider = fakes("p")
+    keys_file = tmp_path / "keys.yaml"
+    keys_file.write_text("- {name: team-budget, key: " + BUDGET_KEY + ", budget: {usd: 0.05, period: day}}\n")
+    with two_routers({"p": provider}, redis_server.url) as routers:
+        for i in range(2):
+            assert post(routers[i], BUDGET_KEY).status_code == 200
+        assert post(routers[0], FREE_KEY).status_code == 200
+    config = settings({"p": provider}, state={"redis_url": redis_server.url}).model_dump(mode="json")
+    config["router"]["auth"]["keys_file"] = str(keys_file)
+    done = spend_cli(config, tmp_path, "--json")
+    assert done.returncode == 0, done.stderr
+    rows = {(r["scope"], r["name"]): r for r in json.loads(done.stdout)["rows"]}
+    assert rows[("key", "team-budget")]["day_usd"] == pytest.approx(2 * COST)
+    assert rows[("key", "team-budget")]["budget_used"] == pytest.approx(2 * COST / 0.05)
+    assert rows[("key", "team-free")]["month_usd"] == pytest.approx(COST)
+    assert rows[("provider", "p")]["day_usd"] == pytest.approx(3 * COST)
+    table = spend_cli(config, tmp_path)
+    assert "team-budget" in table.stdout and "68%" in table.stdout
+
+
+def test_openweight_spend_with_redis_down_says_so_without_the_password(tmp_path):
+    with RedisServer(password="s3cret-pw") as server:
+        url = server.url
+    config = {"router": {"state": {"redis_url": url}}, "models": {"m1": {}}}
+    done = spend_cli(config, tmp_path)
+    assert done.returncode == 1 and "cannot read redis://<redacted>@127.0.0.1" in done.stderr
+    assert "s3cret-pw" not in done.stdout + done.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import subprocess
+import sys
 import time
 
 import httpx
@@ -210,3 +212,18 @@ def test_a_huge_max_tokens_reserves_at_most_the_cap(fakes):
         # 1000 tokens at USD 2000 per million: USD 2 reserved, not 2000 x 10^12 / 10^6.
         answers = concurrently([router.url] * 20, "ow-big", chat_body(max_tokens=10**12))
         assert [a.status_code for a in answers] == [200] * 20
+
+
+def test_openweight_spend_without_shared_state_reads_a_router_metrics(fakes, tmp_path):
+    provider = fakes("p")
+    with RouterServer(settings({"p": provider}), keys()) as router, router.client() as client:
+        for key in (BUDGET_KEY, FREE_KEY, FREE_KEY):
+            assert client.post("/v1/chat/completions", json=chat_body(), headers=bearer(key)).status_code == 200
+        path = tmp_path / "c.yaml"
+        path.write_text(json.dumps({"models": {MODEL: {}}}))
+        done = subprocess.run([sys.executable, "-m", "router.cli", "spend", "--config", str(path), "--json",
+                               "--url", router.url + "/metrics"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    rows = {(r["scope"], r["name"]): r["since_start_usd"] for r in json.loads(done.stdout)["rows"]}
+    expected = {("key", "team-budget"): COST, ("key", "team-free"): 2 * COST, ("provider", "p"): 3 * COST}
+    assert rows == pytest.approx(expected)
