@@ -98,12 +98,13 @@ class Level:
 
 @dataclass(frozen=True, slots=True)
 class Hold:
-    """A reservation to release at settlement; ``where`` is the store's own handle for it."""
+    """A reservation to release at settlement; ``where`` and ``slot`` are the store's own handle for it."""
 
     scope: str
     name: str
     amount: int
     where: str
+    slot: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,19 +1,21 @@
 """Shared state in Redis (``router.state.redis_url``): every router replica sees the same rate limits,
 budgets, reservations and spend.
 
-Each request costs at most two round trips: one Lua script before the policy (:data:`_ADMIT`: check
-the key's budget, take its rate token, check and reserve every budget) and one after the answer
-(:data:`_SETTLE`). Scripts run atomically, so two routers can never both take a key's last token or
-both reserve a budget's last dollar. Time is Redis's own (``TIME``), the same for every router.
+A request costs one round trip before the policy: a Lua script (:data:`_ADMIT`) checks the key's
+budget, takes its rate token, then checks and reserves every budget, atomically, so two routers can
+never both take a key's last token or both reserve a budget's last dollar. Time is Redis's own
+(``TIME``), the same for every router. A settlement after the answer (:data:`_SETTLE`: spend added,
+reservations released) is sent at once; those that come while one is on the wire go together in the
+next call, so a busy router pays one round trip for many.
 
 Keys (all under one hash tag, ``{prefix}``, so a script's keys share a cluster slot):
 
 - ``{p}:rate:<key>``: the key's token bucket (``tokens``, ``at``), expiring once it would be full.
 - ``{p}:spent:<scope>:<name>:<period id>``: nano-USD spent in that day or month, expiring after it.
-- ``{p}:held:<scope>:<name>:<slot>``: reservations made in one slot of time (a minute,
-  :data:`SLOT_S`, or ``reservation_ttl_s`` when shorter); a budget counts the slots of the last
-  ``reservation_ttl_s``, and each slot expires after them, so a router that dies mid-request leaks
-  its reservations for that long (plus a slot) at most.
+- ``{p}:held:<scope>:<name>``: a hash of reservations by time slot (a minute, :data:`SLOT_S`, or
+  ``reservation_ttl_s`` when shorter). A budget counts the slots of the last ``reservation_ttl_s``
+  and the script drops older ones, so a router that dies mid-request leaks its reservations for that
+  long (plus a slot) at most.
 
 Names are percent-encoded in keys. redis-py errors and timeouts become :class:`StateError` here and
 nowhere else; the URL (it may hold a password) never appears in one.
@@ -53,28 +55,33 @@ SLOT_S = 60
 _SPENT_TTL_S = {Period.DAY: 3 * 86400, Period.MONTH: 63 * 86400}
 
 _ADMIT = """
--- KEYS[1]: rate bucket (or a dummy when ARGV[1] == 0); then per budget: its spent key, then its
--- ARGV[3] slot keys, the newest (this minute) last.
--- ARGV: rate per second, capacity, slots per budget, slot ttl ms, then per budget: limit, reserve,
--- refuse (1: the key's own budget, refused past it).
--- Returns {0, spent1, held1, ...} admitted; {1, wait ms} rate limited; {2, index} past the key's budget.
+-- KEYS[1]: rate bucket (unused when ARGV[1] == 0); then per budget: its spent key, its held hash.
+-- ARGV: rate per second, capacity, slot seconds, slots counted, held ttl ms, then per budget: limit,
+-- reserve, refuse (1: the key's own budget, refused past it).
+-- Returns {0, slot, spent1, held1, ...} admitted; {1, wait ms} rate limited; {2, index} past the key's budget.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local rate, capacity, slots, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local n = (#ARGV - 4) / 3
-local levels = {0}
+local rate, capacity = tonumber(ARGV[1]), tonumber(ARGV[2])
+local slot = math.floor(now / tonumber(ARGV[3]))
+local oldest, ttl = slot - tonumber(ARGV[4]) + 1, tonumber(ARGV[5])
+local n = (#ARGV - 5) / 3
+local levels = {0, slot}
 for i = 1, n do
-  local base = 1 + (i - 1) * (slots + 1)
-  local spent = tonumber(redis.call('GET', KEYS[base + 1]) or '0')
+  local spent = tonumber(redis.call('GET', KEYS[2 * i]) or '0')
   local held = 0
-  for _, v in ipairs(redis.call('MGET', unpack(KEYS, base + 2, base + 1 + slots))) do
-    if v then held = held + tonumber(v) end
+  local slots = redis.call('HGETALL', KEYS[2 * i + 1])
+  for j = 1, #slots, 2 do
+    if tonumber(slots[j]) < oldest then
+      redis.call('HDEL', KEYS[2 * i + 1], slots[j])
+    else
+      held = held + tonumber(slots[j + 1])
+    end
   end
-  if ARGV[4 + (i - 1) * 3 + 3] == '1' and spent + held >= tonumber(ARGV[4 + (i - 1) * 3 + 1]) then
+  if ARGV[5 + 3 * i] == '1' and spent + held >= tonumber(ARGV[3 + 3 * i]) then
     return {2, i}
   end
-  levels[#levels + 1] = spent
-  levels[#levels + 1] = held
+  levels[2 * i + 1] = spent
+  levels[2 * i + 2] = held
 end
 if rate > 0 then
   local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'at')
@@ -87,32 +94,36 @@ if rate > 0 then
   redis.call('PEXPIRE', KEYS[1], math.ceil(capacity / rate * 1000) + 1000)
 end
 for i = 1, n do
-  local reserve = tonumber(ARGV[4 + (i - 1) * 3 + 2])
-  local limit = tonumber(ARGV[4 + (i - 1) * 3 + 1])
-  if reserve > 0 and levels[2 * i] + levels[2 * i + 1] < limit then
-    local slot = KEYS[1 + (i - 1) * (slots + 1) + 1 + slots]
-    redis.call('INCRBY', slot, reserve)
-    redis.call('PEXPIRE', slot, ttl)
+  local reserve = tonumber(ARGV[4 + 3 * i])
+  if reserve > 0 and levels[2 * i + 1] + levels[2 * i + 2] < tonumber(ARGV[3 + 3 * i]) then
+    redis.call('HINCRBY', KEYS[2 * i + 1], slot, reserve)
+    redis.call('PEXPIRE', KEYS[2 * i + 1], ttl)
   end
 end
 return levels
 """
 
 _SETTLE = """
--- KEYS: ARGV[1] spent keys, then the held slots to release. ARGV: count of spent keys, then per spent
--- key: amount, ttl seconds; then per held slot: amount.
+-- KEYS: ARGV[1] spent keys, then held hashes. ARGV: count of spent keys; per spent key: amount, ttl
+-- seconds; per held hash: slot, amount to release.
 local n = tonumber(ARGV[1])
 for i = 1, n do
   redis.call('INCRBY', KEYS[i], ARGV[2 * i])
   redis.call('EXPIRE', KEYS[i], ARGV[2 * i + 1])
 end
+local base = 2 * n + 1
 for j = n + 1, #KEYS do
-  if redis.call('EXISTS', KEYS[j]) == 1 then
-    if redis.call('DECRBY', KEYS[j], ARGV[2 * n + 1 + j - n]) < 0 then redis.call('SET', KEYS[j], 0, 'KEEPTTL') end
+  local at = base + 2 * (j - n) - 1
+  if redis.call('HEXISTS', KEYS[j], ARGV[at]) == 1 then
+    if redis.call('HINCRBY', KEYS[j], ARGV[at], -tonumber(ARGV[at + 1])) <= 0 then
+      redis.call('HDEL', KEYS[j], ARGV[at])
+    end
   end
 end
 return 0
 """
+
+_Settlement = tuple[Sequence[Charge], Sequence[Hold], float]
 
 
 class RedisState:
@@ -133,17 +144,38 @@ class RedisState:
             health_check_interval=0,
         )
         self._prefix = "{" + config.key_prefix + "}"
-        self._slot_s = max(1, min(SLOT_S, math.ceil(config.reservation_ttl_s)))
-        self._slots = math.ceil(config.reservation_ttl_s / self._slot_s) + 1
-        self._slot_ttl_ms = int((config.reservation_ttl_s + self._slot_s) * 1000)
+        slot_s = max(1, min(SLOT_S, math.ceil(config.reservation_ttl_s)))
+        self._slot_args = [slot_s, math.ceil(config.reservation_ttl_s / slot_s) + 1,
+                           int((config.reservation_ttl_s + slot_s) * 1000)]
         self._admit = self.client.register_script(_ADMIT)
         self._settle = self.client.register_script(_SETTLE)
+        self._names: dict[tuple[str, str], str] = {}
+        self._periods: dict[tuple[Period, int], str] = {}
+        self._pending: list[_Settlement] = []
+        self._batch: asyncio.Future[None] | None = None
+        self._sending = False
+        self._flusher: asyncio.Future[None] | None = None
+
+    def _name(self, scope: str, name: str) -> str:
+        found = self._names.get((scope, name))
+        if found is None:
+            found = self._names[(scope, name)] = f"{scope}:{quote(name, safe='')}"
+        return found
+
+    def _period(self, period: Period, now: float) -> str:
+        minute = int(now // 60)  # UTC days and months start on a minute
+        found = self._periods.get((period, minute))
+        if found is None:
+            if len(self._periods) > 64:
+                self._periods.clear()
+            found = self._periods[(period, minute)] = period_id(period, now)
+        return found
 
     def spent_key(self, scope: str, name: str, ident: str) -> str:
-        return f"{self._prefix}:spent:{scope}:{quote(name, safe='')}:{ident}"
+        return f"{self._prefix}:spent:{self._name(scope, name)}:{ident}"
 
-    def _held_key(self, scope: str, name: str, slot: int) -> str:
-        return f"{self._prefix}:held:{scope}:{quote(name, safe='')}:{slot}"
+    def _held_key(self, scope: str, name: str) -> str:
+        return f"{self._prefix}:held:{self._name(scope, name)}"
 
     async def _call(self, what: str, run: Any) -> Any:
         try:
@@ -157,46 +189,94 @@ class RedisState:
             raise StateError(f"redis {what}: {exc.strerror or type(exc).__name__}") from None
 
     async def admit(self, ask: Ask, now: float) -> Grant:
-        slot = int(now // self._slot_s)
         limit = ask.rate_limit
-        keys = [f"{self._prefix}:rate:{quote(ask.key, safe='')}"]
+        keys = [f"{self._prefix}:rate:{quote(ask.key, safe='')}" if limit else f"{self._prefix}:rate"]
         args: list[Any] = [limit.requests_per_minute / 60.0 if limit else 0, bucket_capacity(limit) if limit else 0,
-                           self._slots, self._slot_ttl_ms]
+                           *self._slot_args]
         for check in ask.budgets:
-            keys.append(self.spent_key(check.scope, check.name, period_id(check.period, now)))
-            keys.extend(self._held_key(check.scope, check.name, s) for s in range(slot - self._slots + 1, slot + 1))
-            args += [check.limit, check.reserve, 1 if check.scope == SCOPE_KEY else 0]
+            keys += (self.spent_key(check.scope, check.name, self._period(check.period, now)),
+                     self._held_key(check.scope, check.name))
+            args += (check.limit, check.reserve, 1 if check.scope == SCOPE_KEY else 0)
         answer = await self._call("admit", self._admit(keys=keys, args=args))
         if answer[0] == 1:
             assert limit is not None
             raise rate_limited(ask.key, limit, int(answer[1]) / 1000)
         if answer[0] == 2:
             raise quota_exceeded(ask.key, ask.budgets[int(answer[1]) - 1])
+        slot = int(answer[1])
         levels, holds = [], []
         for i, check in enumerate(ask.budgets):
-            level = Level(check.scope, check.name, int(answer[1 + 2 * i]), int(answer[2 + 2 * i]), check.limit)
+            level = Level(check.scope, check.name, int(answer[2 + 2 * i]), int(answer[3 + 2 * i]), check.limit)
             levels.append(level)
             if check.reserve > 0 and not level.exhausted:
-                where = self._held_key(check.scope, check.name, slot)
-                holds.append(Hold(check.scope, check.name, check.reserve, where))
+                holds.append(Hold(check.scope, check.name, check.reserve, keys[2 + 2 * i], slot))
         return Grant(tuple(levels), tuple(holds))
 
     async def settle(self, charges: Sequence[Charge], holds: Sequence[Hold], now: float) -> None:
-        keys: list[str] = []
-        args: list[Any] = [len(charges) * len(Period)]
-        for charge in charges:
-            for period in Period:
-                keys.append(self.spent_key(charge.scope, charge.name, period_id(period, now)))
-                args += [charge.amount, _SPENT_TTL_S[period]]
-        keys.extend(hold.where for hold in holds)
-        args.extend(hold.amount for hold in holds)
-        await self._call("settle", self._settle(keys=keys, args=args))
+        """Send the settlement now, or, while another settlement is on the wire, with the next batch."""
+        self._pending.append((charges, holds, now))
+        if self._sending:
+            if self._batch is None:
+                self._batch = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._batch)
+            return
+        await self._send_pending()
+
+    async def _send_pending(self) -> None:
+        """Send every queued settlement in one script call; answer the batch waiting on them."""
+        self._sending = True
+        pending, self._pending = self._pending, []
+        batch, self._batch = self._batch, None
+        try:
+            keys, args = self._settle_call(pending)
+            await self._call("settle", self._settle(keys=keys, args=args))
+        except StateError as exc:
+            if batch is not None:
+                batch.set_exception(exc)
+                batch.exception()  # each waiter raises it; marked retrieved even when none is left
+            raise
+        except BaseException:
+            if batch is not None:
+                batch.set_exception(StateError("redis settle: cancelled"))
+                batch.exception()
+            raise
+        else:
+            if batch is not None:
+                batch.set_result(None)
+        finally:
+            self._sending = False
+            if self._pending:  # queued while this call was on the wire: the next batch goes now
+                self._flusher = asyncio.ensure_future(self._send_quietly())
+
+    async def _send_quietly(self) -> None:
+        with contextlib.suppress(StateError):  # its waiters get the error through their batch
+            await self._send_pending()
+
+    def _settle_call(self, pending: list[_Settlement]) -> tuple[list[str], list[Any]]:
+        spent: dict[str, list[int]] = {}
+        released: dict[tuple[str, int], int] = {}
+        for charges, holds, now in pending:
+            for charge in charges:
+                for period in Period:
+                    key = self.spent_key(charge.scope, charge.name, self._period(period, now))
+                    spent.setdefault(key, [0, _SPENT_TTL_S[period]])[0] += charge.amount
+            for hold in holds:
+                released[(hold.where, hold.slot)] = released.get((hold.where, hold.slot), 0) + hold.amount
+        args: list[Any] = [len(spent)]
+        for amount, ttl in spent.values():
+            args += (amount, ttl)
+        for (_, slot), amount in released.items():
+            args += (slot, amount)
+        return [*spent, *(where for where, _ in released)], args
 
     async def spent(self, scope: str, names: Sequence[str], period: Period, now: float) -> dict[str, int]:
-        ident = period_id(period, now)
+        ident = self._period(period, now)
         values = await self._call("read", self.client.mget([self.spent_key(scope, n, ident) for n in names]))
         return {name: int(value or 0) for name, value in zip(names, values, strict=True)}
 
     async def aclose(self) -> None:
+        """Wait for the settlements still on their way, then close the pool."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
         with contextlib.suppress(RedisError, OSError):
             await self.client.aclose()

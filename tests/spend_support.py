@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -19,6 +21,16 @@ COST = (PROMPT_TOKENS * 1000.0 + COMPLETION * 2000.0) / 1e6
 """USD of one fake answer at :data:`PRICE`: 0.017."""
 
 RATE_KEY, BUDGET_KEY, FREE_KEY = "ow-rate-key", "ow-budget-key", "ow-free-key"
+
+
+def settled(read: Callable[[], float], expected: float, timeout_s: float = 5.0) -> float:
+    """`read()` once it equals `expected` (settlement runs after the answer, batched), else its last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = read()
+        if abs(value - expected) < 1e-9 or time.monotonic() > deadline:
+            return value
+        time.sleep(0.02)
 
 
 def keys(budget_usd: float = 0.05, rate: int = 6) -> KeyStore:

@@ -29,7 +29,18 @@ from router.state import SCOPE_KEY, Ask, BudgetCheck
 from router.state_redis import RedisState
 from router.testing import Behavior, FakeUpstream
 from tests.conftest import RouterServer
-from tests.spend_support import BUDGET_KEY, COST, FREE_KEY, RATE_KEY, bearer, chat_body, concurrently, keys, settings
+from tests.spend_support import (
+    BUDGET_KEY,
+    COST,
+    FREE_KEY,
+    RATE_KEY,
+    bearer,
+    chat_body,
+    concurrently,
+    keys,
+    settings,
+    settled,
+)
 
 STATE = {"timeout_s": 1.0, "retry_after_error_s": 0.2}
 """Generous for a loaded test machine: a slow answer must not look like Redis failing."""
@@ -79,7 +90,8 @@ def test_a_key_budget_stops_it_on_both_routers_and_spend_adds_up(fakes, redis_se
                    for a in answers[served:])
         metric = sum(r.metric("openweight_spend_usd_total", key="team-budget") for r in routers)
         assert metric == pytest.approx(served * COST)
-        assert spent_in_redis(redis_server, "key", "team-budget") == pytest.approx(served * COST)
+        assert settled(lambda: spent_in_redis(redis_server, "key", "team-budget"), served * COST) == \
+            pytest.approx(served * COST)
         assert spent_in_redis(redis_server, "provider", "p") == pytest.approx(served * COST)
 
 
@@ -103,7 +115,7 @@ def test_concurrent_requests_on_two_routers_overspend_at_most_their_reservations
         served = sum(a.status_code == 200 for a in answers)
         assert served >= 1
         assert all(a.json()["error"]["code"] == "insufficient_quota" for a in answers if a.status_code != 200)
-        spent = spent_in_redis(redis_server, "key", "team-budget")
+        spent = settled(lambda: spent_in_redis(redis_server, "key", "team-budget"), (2 + served) * COST)
         assert spent == pytest.approx((2 + served) * COST)
         assert spent <= 0.05 + reservation
 
@@ -195,7 +207,7 @@ def test_redis_killed_mid_request_the_answer_still_comes_and_is_counted(fakes, r
         redis_server.stop()
         worker.join()
         assert answers[0].status_code == 200
-        assert routers[0].metric("openweight_state_errors_total", operation="settle") == 1
+        assert settled(lambda: routers[0].metric("openweight_state_errors_total", operation="settle"), 1) == 1
         assert routers[0].metric("openweight_spend_usd_total", key="team-budget") == pytest.approx(COST)
 
 
@@ -214,6 +226,7 @@ def test_openweight_spend_reads_the_shared_state(fakes, redis_server, tmp_path):
         for i in range(2):
             assert post(routers[i], BUDGET_KEY).status_code == 200
         assert post(routers[0], FREE_KEY).status_code == 200
+        settled(lambda: spent_in_redis(redis_server, "provider", "p"), 3 * COST)
     config = settings({"p": provider}, state={"redis_url": redis_server.url}).model_dump(mode="json")
     config["router"]["auth"]["keys_file"] = str(keys_file)
     done = spend_cli(config, tmp_path, "--json")
