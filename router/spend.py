@@ -33,7 +33,7 @@ from router.health import CircuitState, HealthSnapshot
 from router.metrics import STATE_ADMIT, STATE_READ, STATE_SETTLE, Metrics
 from router.policy import candidates
 from router.schemas import Endpoint, ParsedRequest
-from router.settings import Budget, OnStateError, Price, Settings
+from router.settings import Budget, OnStateError, Period, Price, Settings
 from router.state import (
     NANO_USD,
     NO_GRANT,
@@ -221,17 +221,22 @@ class Spend:
             self._failed(STATE_SETTLE, exc)
 
     async def refresh(self) -> None:
-        """Update openweight_budget_used_ratio of every configured budget (for /metrics)."""
+        """Update openweight_budget_used_ratio of every configured budget (for /metrics): one read per
+        scope and period, however many keys there are."""
         store = self.shared if self.shared is not None else self.local
         if store is self.shared and self._monotonic() < self._skip_until:
             return
+        groups: dict[tuple[str, Period], dict[str, int]] = {}
+        for name, (limit, budget) in self._provider_budgets.items():
+            groups.setdefault((SCOPE_PROVIDER, budget.period), {})[name] = limit
+        for name, budget in self._key_budgets.items():
+            groups.setdefault((SCOPE_KEY, budget.period), {})[name] = to_nano(budget)
         now = self._wall()
-        budgets = [(SCOPE_PROVIDER, name, found) for name, found in self._provider_budgets.items()]
-        budgets += [(SCOPE_KEY, name, (to_nano(b), b)) for name, b in self._key_budgets.items()]
         try:
-            for scope, name, (limit, budget) in budgets:
-                spent = await store.spent(scope, [name], budget.period, now)
-                self._ratio(scope, name, spent[name], limit)
+            for (scope, period), limits in groups.items():
+                spent = await store.spent(scope, list(limits), period, now)
+                for name, limit in limits.items():
+                    self._ratio(scope, name, spent[name], limit)
         except StateError as exc:
             self._failed(STATE_READ, exc)
 

@@ -121,7 +121,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         host = settings.router.host if settings.router.host not in ("0.0.0.0", "::") else "127.0.0.1"
         metrics = args.url or f"http://{host}:{settings.router.port}/metrics"
-        rows = from_metrics(metrics)
+        try:
+            rows = from_metrics(metrics)
+        except OSError as exc:  # urllib's URLError and HTTPError are OSErrors
+            print(f"openweight spend: cannot read {metrics}: {exc}; no shared state is configured, so the "
+                  "spend is read from a running router (--url)", file=sys.stderr)
+            return 1
         source = f"{metrics}: since that router started (no shared state: each router counts its own)"
     if args.json:
         print(json.dumps({"source": source, "rows": rows}, indent=2))
