@@ -140,9 +140,9 @@ class Endpoints:
             if parsed.model not in self.settings.models:
                 raise ModelNotFound(f"the model {parsed.model!r} does not exist", param="model")
             principal.check_model(parsed.model)
+            observer = self.metrics.observe(parsed.model, principal.name)
             snapshot = self.health.snapshot()
             ticket = await self.spend.admit(principal, parsed, snapshot)  # state I/O: before the policy
-            observer = self.metrics.observe(parsed.model, principal.name)
             plan = policy.plan(self.settings, parsed.model, snapshot, ticket.exhausted)
             observer.add_overhead(time.perf_counter() - request.start)
             status = await self._serve(request, parsed, plan, observer)

@@ -75,6 +75,7 @@ def test_a_key_past_its_budget_gets_insufficient_quota(fakes):
         assert "team-budget" in error["message"] and BUDGET_KEY not in error["message"]
         assert client.post("/v1/chat/completions", json=chat_body(), headers=bearer(FREE_KEY)).status_code == 200
         assert len(provider.requests) == 4
+        assert router.metric("openweight_requests_total", model=MODEL, status="429", key="team-budget") == 2
         assert router.metric("openweight_budget_used_ratio", scope="key", owner="team-budget") == \
             pytest.approx(3 * COST / 0.05)
 
