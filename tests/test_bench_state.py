@@ -27,5 +27,6 @@ def test_router_suite_compares_redis_state_with_in_process_state(
     assert all(r["redis_cpu_ms_per_request"] >= 0 for r in rows if r["target"] == "openweight-redis")
     assert report["settings"]["state_route"] == route
     lines = [line for line in report["summary"] if line.startswith("redis state")]
-    assert len(lines) == 2 and "ms router CPU" in lines[0]
+    assert len(lines) == 4 and all("ms router CPU" in line for line in lines)
+    assert sum("isolated" in line for line in lines) == 2
     assert "redis state, plain c=1" in capsys.readouterr().out

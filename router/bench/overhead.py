@@ -127,6 +127,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 result["rows"] += rows
     _marginal(result["rows"], args.chunks)
     result["summary"] = summary(result["rows"]) + state.summary(result["rows"])
+    if state.REDIS in targets:
+        with workspace() as (directory, _):
+            result["summary"] += state.isolated(directory, requests=max(200, args.requests))
     result["failed"] = any(row["errors"] for row in result["rows"] if row["target"] != "litellm")
     errors = [f"{r['target']} {r['mode']} {r['concurrency']}: {r['error_kinds']}"
               for r in result["rows"] if r["errors"]]
