@@ -33,7 +33,8 @@ from urllib.parse import quote
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
 
 from router.settings import Period, StateConfig
 from router.state import (
@@ -149,6 +150,7 @@ class RedisState:
                            int((config.reservation_ttl_s + slot_s) * 1000)]
         self._admit = self.client.register_script(_ADMIT)
         self._settle = self.client.register_script(_SETTLE)
+        self._pool = self.client.connection_pool
         self._names: dict[tuple[str, str], str] = {}
         self._periods: dict[tuple[Period, int], str] = {}
         self._pending: list[_Settlement] = []
@@ -188,6 +190,28 @@ class RedisState:
         except OSError as exc:
             raise StateError(f"redis {what}: {exc.strerror or type(exc).__name__}") from None
 
+    async def _eval(self, script: AsyncScript, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA on a pooled connection, loading the script when Redis does not know it (a restart).
+
+        The hot path of every request: a pooled connection used directly costs less than the client's
+        generic command path, which adds nothing here (no retries are wanted).
+        """
+        connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            try:
+                await connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                return await connection.read_response()
+            except NoScriptError:
+                await connection.send_command("SCRIPT", "LOAD", script.script)
+                await connection.read_response()
+                await connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+                return await connection.read_response()
+        except BaseException:
+            await connection.disconnect(nowait=True)  # an answer may still be on its way: never reuse it
+            raise
+        finally:
+            await self._pool.release(connection)
+
     async def admit(self, ask: Ask, now: float) -> Grant:
         limit = ask.rate_limit
         keys = [f"{self._prefix}:rate:{quote(ask.key, safe='')}" if limit else f"{self._prefix}:rate"]
@@ -197,7 +221,7 @@ class RedisState:
             keys += (self.spent_key(check.scope, check.name, self._period(check.period, now)),
                      self._held_key(check.scope, check.name))
             args += (check.limit, check.reserve, 1 if check.scope == SCOPE_KEY else 0)
-        answer = await self._call("admit", self._admit(keys=keys, args=args))
+        answer = await self._call("admit", self._eval(self._admit, keys, args))
         if answer[0] == 1:
             assert limit is not None
             raise rate_limited(ask.key, limit, int(answer[1]) / 1000)
@@ -229,7 +253,7 @@ class RedisState:
         batch, self._batch = self._batch, None
         try:
             keys, args = self._settle_call(pending)
-            await self._call("settle", self._settle(keys=keys, args=args))
+            await self._call("settle", self._eval(self._settle, keys, args))
         except StateError as exc:
             if batch is not None:
                 batch.set_exception(exc)
