@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from router.auth import KeyStore
-from router.settings import ApiKey, ConfigError, Period, load_settings
+from router.config_file import load_settings
+from router.settings import ApiKey, ConfigError, Period
 from router.state import SCOPE_KEY, SCOPE_PROVIDER, Ask, BudgetCheck, Charge, LocalState
 from router.testing import PROMPT_TOKENS, Behavior
 from tests.spend_support import (
