@@ -35,7 +35,8 @@ from cluster.errors import ClusterConfigError, ModelError
 from cluster.model import BUILTIN_PREFIX, builtin_model
 from router.config_file import load_settings
 from router.config_file import problems as config_problems
-from router.settings import ConfigError, Settings, Strict
+from router.config_model import Strict
+from router.settings import ConfigError, Settings
 
 BUILTIN_CPU_ENGINE_DEFAULTS: dict[str, Any] = {
     "dtype": "float32",

@@ -88,7 +88,8 @@ class Endpoints:
             if ticket is not None:  # settlement: after the answer
                 upstream = observer.upstream if observer is not None else NONE
                 served = upstream != NONE and (status < 300 or status == CLIENT_CLOSED)
-                await self.spend.settle(ticket, upstream, observer.tokens if observer else {}, served=served)
+                await self.spend.settle(ticket, upstream, observer.tokens if observer else {}, served=served,
+                                        estimated=observer.estimated if observer else frozenset())
 
     async def _serve(
         self, request: Request, parsed: ParsedRequest, plan: policy.Plan, observer: RequestObserver

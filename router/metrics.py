@@ -149,7 +149,8 @@ class Metrics:
 class RequestObserver:
     """The metrics of one request; :meth:`finish` records it exactly once."""
 
-    __slots__ = ("_finished", "_first_byte_at", "_m", "_overhead", "key", "model", "start", "tokens", "upstream")
+    __slots__ = ("_finished", "_first_byte_at", "_m", "_overhead", "estimated", "key", "model", "start", "tokens",
+                 "upstream")
 
     def __init__(self, metrics: Metrics, model: str, key: str = NONE) -> None:
         self._m = metrics
@@ -157,6 +158,8 @@ class RequestObserver:
         self.key = key
         self.tokens: dict[str, tuple[int, int]] = {}
         """(prompt, completion) per upstream that reported `usage` (several when a stream was continued)."""
+        self.estimated: set[str] = set()
+        """Upstreams whose part broke before reporting usage: their `tokens` are a lower bound."""
         self.start = time.perf_counter()
         self.upstream = NONE
         self._first_byte_at: float | None = None
@@ -177,10 +180,13 @@ class RequestObserver:
         if self._first_byte_at is None:
             self._first_byte_at = time.perf_counter()
 
-    def usage(self, prompt: int, completion: int, upstream: str | None = None) -> None:
+    def usage(self, prompt: int, completion: int, upstream: str | None = None, *, estimated: bool = False) -> None:
         """Tokens used at `upstream` (default: the one that answered), from its `usage`; counts out of
-        range (negative, or past any real answer) are clamped. A continued stream reports each part."""
+        range (negative, or past any real answer) are clamped. A continued stream reports each part;
+        `estimated`: the part broke before its upstream reported usage (spend charges it the estimate)."""
         upstream = upstream or self.upstream
+        if estimated:
+            self.estimated.add(upstream)
         prompt, completion = min(max(0, prompt), MAX_TOKENS), min(max(0, completion), MAX_TOKENS)
         before = self.tokens.get(upstream, (0, 0))
         self.tokens[upstream] = (min(before[0] + prompt, MAX_TOKENS), min(before[1] + completion, MAX_TOKENS))

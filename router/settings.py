@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from router.config_model import Strict
 from router.spend_config import (
     Budget,
     OnStateError,
@@ -42,12 +43,6 @@ CLUSTER = "cluster"
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names every bad key."""
-
-
-class Strict(BaseModel):
-    """Base of every config section: unknown keys are errors, values are frozen once validated."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Policy(StrEnum):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from router.auth import Principal
@@ -202,11 +202,14 @@ class Spend:
         return Ask(principal.name, rate_limit, tuple(budgets))
 
     async def settle(self, ticket: Ticket, upstream: str, tokens: Mapping[str, tuple[int, int]], *,
-                     served: bool) -> None:
+                     served: bool, estimated: Collection[str] = ()) -> None:
         """After the answer: charge what it cost when it `served` (a 2xx answer, or one whose client
         left): the `tokens` each upstream reported (several when a stream was continued on another),
-        or the estimate at `upstream` when none reported any; then release the reservations. Never raises."""
+        or the reservation's estimate at `upstream` when none reported any, and at each upstream whose
+        part broke before reporting (`estimated`); then release the reservations. Never raises."""
         parts = dict(tokens) if tokens else {upstream: ticket.estimate}
+        for broken in estimated:
+            parts[broken] = ticket.estimate
         charges: list[Charge] = []
         amount = 0
         for part_upstream, used in parts.items() if served else ():

@@ -12,14 +12,12 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from router.config_model import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Price(_Strict):
+class Price(Strict):
     """What a provider charges for a model, in USD per million tokens."""
 
     input_per_mtok: float = Field(
@@ -37,7 +35,7 @@ class Period(StrEnum):
     MONTH = "month"
 
 
-class Budget(_Strict):
+class Budget(Strict):
     """Most USD that may be spent per period (provider spend: `usage` x `price`)."""
 
     usd: float = Field(gt=0, le=1_000_000_000, allow_inf_nan=False, description="USD allowed per period.")
@@ -51,7 +49,7 @@ class OnStateError(StrEnum):
     CLOSED = "closed"
 
 
-class StateConfig(_Strict):
+class StateConfig(Strict):
     """Where rate limits, budgets and spend counters live: this process, or Redis shared by every replica."""
 
     redis_url: str | None = Field(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from router.cli import main
+from openweight.cli import main
 
 
 @pytest.mark.parametrize("route", ["cluster", "provider"])

@@ -233,3 +233,18 @@ def test_openweight_spend_without_shared_state_reads_a_router_metrics(fakes, tmp
     rows = {(r["scope"], r["name"]): r["since_start_usd"] for r in json.loads(done.stdout)["rows"]}
     expected = {("key", "team-budget"): COST, ("key", "team-free"): 2 * COST, ("provider", "p"): 3 * COST}
     assert rows == pytest.approx(expected)
+
+
+def test_a_continued_stream_is_charged_at_each_upstream_s_price(fakes):
+    """The part that broke at a priced provider is charged its reservation's estimate (its usage never
+    came); the continuation at its own usage and price; the unpriced cluster nothing."""
+    first = fakes("first", default=Behavior(chunks=6, cut_after=2))
+    second = fakes("second")
+    base = settings({"first": first, "second": second})
+    providers = {name: p.model_copy(update={"continuation": "trailing_assistant"}) for name, p in base.providers.items()}
+    with RouterServer(base.model_copy(update={"providers": providers}), keys()) as router, router.client() as c:
+        r = c.post("/v1/chat/completions", json=chat_body(stream=True, max_tokens=10), headers=bearer(FREE_KEY))
+        assert "error" not in r.text and r.text.endswith("data: [DONE]\n\n")
+        spent = lambda upstream: router.metric("openweight_spend_usd_total", upstream=upstream, key="team-free")  # noqa: E731
+        assert settled(lambda: spent("second"), COST) == pytest.approx(COST)  # 7 prompt + 5 completion tokens
+        assert spent("first") > COST  # the estimate: the body's bytes and max_tokens
