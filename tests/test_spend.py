@@ -241,7 +241,7 @@ def test_a_continued_stream_is_charged_at_each_upstream_s_price(fakes):
     first = fakes("first", default=Behavior(chunks=6, cut_after=2))
     second = fakes("second")
     base = settings({"first": first, "second": second})
-    providers = {name: p.model_copy(update={"continuation": "trailing_assistant"}) for name, p in base.providers.items()}
+    providers = {n: p.model_copy(update={"continuation": "trailing_assistant"}) for n, p in base.providers.items()}
     with RouterServer(base.model_copy(update={"providers": providers}), keys()) as router, router.client() as c:
         r = c.post("/v1/chat/completions", json=chat_body(stream=True, max_tokens=10), headers=bearer(FREE_KEY))
         assert "error" not in r.text and r.text.endswith("data: [DONE]\n\n")
