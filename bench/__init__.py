@@ -62,14 +62,19 @@ def _overhead(parser: argparse.ArgumentParser, litellm: bool) -> None:
     parser.add_argument("--chunk-delay-s", type=float, default=0.0,
                         help="the fake upstream's seconds before each chunk (0: as fast as it can; an engine "
                         "sends one token at a time)")
-    targets = ("direct", "floor", "floor-aiohttp", "openweight", "litellm")
+    targets = ("direct", "floor", "floor-aiohttp", "openweight", "openweight-keyed", "openweight-redis", "litellm")
     parser.add_argument("--targets", type=names(targets),
                         default=list(targets) if litellm else ["direct", "openweight"],
                         help="comma-separated: direct, floor (a bare uvicorn pass-through proxy), floor-aiohttp "
-                        "(the same with the router's HTTP client), openweight, litellm")
+                        "(the same with the router's HTTP client), openweight, openweight-keyed (a key with a rate "
+                        "limit and a budget, a priced provider with a budget: in-process state), openweight-redis "
+                        "(the same with shared state in a local redis-server), litellm")
     parser.add_argument("--litellm-requests", type=int, default=200,
                         help="measured requests per scenario for LiteLLM (slower: fewer are enough for its CPU)")
     parser.add_argument("--json-out", type=Path, help="also copy the JSON report to this file")
+    parser.add_argument("--state-route", choices=("cluster", "provider"), default="cluster",
+                        help="openweight-keyed/-redis: requests served by the cluster (one state call each) or "
+                        "by a priced provider (a reservation and a settlement: two)")
 
 
 def _interrupt(signum: int, frame: object) -> None:

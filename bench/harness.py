@@ -228,6 +228,7 @@ async def run_load(
     url: str, body: bytes, *, concurrency: int, requests: int | None = None, duration_s: float | None = None,
     watch: Mapping[str, int] | None = None, tree: bool = True, warmup: int = 2, timeout_s: float = 300.0,
     keep_headers: tuple[str, ...] = (), on_result: Callable[[Result], Awaitable[None] | None] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> Load:
     """``requests`` requests (or as many as fit in ``duration_s``) from ``concurrency`` workers.
 
@@ -240,7 +241,7 @@ async def run_load(
     async def worker(session: aiohttp.ClientSession, count: int | None, until: float | None) -> None:
         sent = 0
         while (count is None or sent < count) and (until is None or time.monotonic() < until):
-            result = await fetch(session, url, body, keep_headers=keep_headers)
+            result = await fetch(session, url, body, headers=headers, keep_headers=keep_headers)
             sent += 1
             results.append(result)
             if on_result is not None and (pending := on_result(result)) is not None:
@@ -249,7 +250,7 @@ async def run_load(
     async with contextlib.AsyncExitStack() as stack:
         sessions = [await stack.enter_async_context(client_session(timeout_s)) for _ in range(concurrency)]
         if warmup:
-            await asyncio.gather(*(fetch(s, url, body) for s in sessions for _ in range(warmup)))
+            await asyncio.gather(*(fetch(s, url, body, headers=headers) for s in sessions for _ in range(warmup)))
         if requests is not None:
             shares: list[int | None] = [requests // concurrency + (i < requests % concurrency)
                                         for i in range(concurrency)]

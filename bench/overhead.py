@@ -24,13 +24,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from bench import litellm, report
+from bench import litellm, report, state
 from bench.harness import percentile, run_load, workspace
 from bench.report import Column
 from bench.servers import MODEL, fake_upstream, floor_proxy, openweight, router_config
 from router.net import free_port
 
-TARGETS = ("direct", "floor", "floor-aiohttp", "openweight", "litellm")
+TARGETS = ("direct", "floor", "floor-aiohttp", "openweight", *state.TARGETS, "litellm")
 
 COLUMNS = [
     Column("target", "target", 10), Column("mode", "mode", 6), Column("concurrency", "conc", 4),
@@ -65,6 +65,8 @@ def _row(target: str, stream: bool, concurrency: int, requests: int, chunks: int
         if stream:
             row["cpu_us_per_chunk"] = round(cpu * 1e6 / (requests * chunks), 2)
     row["upstream_cpu_ms_per_request"] = round(load.cpu_s["upstream"] * 1000 / requests, 3)
+    if "redis" in pids:
+        row["redis_cpu_ms_per_request"] = round(load.cpu_s["redis"] * 1000 / requests, 3)
     return row
 
 
@@ -73,7 +75,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     targets = list(args.targets)
     settings = {"requests": args.requests, "litellm_requests": args.litellm_requests, "chunks": args.chunks,
                 "chunk_delay_s": args.chunk_delay_s, "concurrency": args.concurrency,
-                "targets": targets, "litellm": litellm.VERSION if "litellm" in targets else None}
+                "targets": targets, "litellm": litellm.VERSION if "litellm" in targets else None,
+                "state_route": getattr(args, "state_route", "cluster")}
     result = report.new_report(args.suite, settings)
     if "litellm" in targets:
         litellm.ensure_installed()
@@ -94,6 +97,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             config = router_config(primary_url, fallback_url)
             process = stack.enter_context(openweight(config, port, directory, log))
             urls["openweight"] = (f"http://127.0.0.1:{port}/v1", {"router": process.pid})
+        shared = stack.enter_context(state.redis_if(state.REDIS in targets))
+        for keyed in (t for t in state.TARGETS if t in targets):
+            port = free_port()
+            redis_url = shared.url if keyed == state.REDIS and shared is not None else None
+            keyed_config = state.config(primary_url, directory, redis_url, getattr(args, "state_route", "cluster"))
+            process = stack.enter_context(openweight(keyed_config, port, directory, log))
+            watched = {"router": process.pid}
+            if redis_url is not None and shared is not None and shared.process is not None:
+                watched["redis"] = shared.process.pid
+            urls[keyed] = (f"http://127.0.0.1:{port}/v1", watched)
         if "litellm" in targets:
             port = free_port()
             peer = litellm.config(MODEL, primary_url, fallback_url)
@@ -106,13 +119,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     url, pids = urls[target]
                     watch = {**pids, "upstream": upstream.pid}
                     count = args.litellm_requests if target == "litellm" else args.requests
+                    headers = state.HEADERS if target in state.TARGETS else None
                     load = asyncio.run(run_load(f"{url}/chat/completions", request_body(stream, args.chunks),
-                                                concurrency=concurrency, requests=count, watch=watch))
+                                                concurrency=concurrency, requests=count, watch=watch,
+                                                headers=headers))
                     rows.append(_row(target, stream, concurrency, count, args.chunks, load, pids))
                 _added(rows)
                 result["rows"] += rows
     _marginal(result["rows"], args.chunks)
-    result["summary"] = summary(result["rows"])
+    result["summary"] = summary(result["rows"]) + state.summary(result["rows"])
+    if state.REDIS in targets:
+        with workspace() as (directory, _):
+            result["summary"] += state.isolated(directory, requests=max(200, args.requests))
     result["failed"] = any(row["errors"] for row in result["rows"] if row["target"] != "litellm")
     errors = [f"{r['target']} {r['mode']} {r['concurrency']}: {r['error_kinds']}"
               for r in result["rows"] if r["errors"]]
@@ -167,7 +185,7 @@ def chart(result: dict[str, Any]) -> Any:
     fig, (cpu_ax, rps_ax, p50_ax) = report.figure(3, f"openweight bench overhead - {result['date'][:10]}, "
                                                      f"{result['machine']['cores']} cores")
     styles = {"direct": "tab:gray", "floor": "tab:green", "floor-aiohttp": "tab:olive", "openweight": "tab:blue",
-              "litellm": "tab:red"}
+              state.KEYED: "tab:cyan", state.REDIS: "tab:purple", "litellm": "tab:red"}
     for target, color in styles.items():
         for mode, line in (("plain", "-"), ("stream", "--")):
             picked = [r for r in rows if r["target"] == target and r["mode"] == mode]

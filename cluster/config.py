@@ -35,7 +35,8 @@ from cluster.errors import ClusterConfigError, ModelError
 from cluster.model import BUILTIN_PREFIX, builtin_model
 from router.config_file import load_settings
 from router.config_file import problems as config_problems
-from router.settings import ConfigError, Settings, Strict
+from router.config_model import Strict
+from router.settings import ConfigError, Settings
 
 BUILTIN_CPU_ENGINE_DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
@@ -131,6 +132,13 @@ class ServeSpec(Strict):
         description="vLLM engine arguments (`AsyncEngineArgs` / frontend fields), e.g. `max_model_len`.",
     )
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables of the engine.")
+    cost_per_replica_hour: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="USD one replica costs per hour (the devices it holds): the router counts running "
+        "replica-hours x this in openweight_cluster_cost_usd_total, beside provider spend.",
+    )
 
     @field_validator("engine_args")
     @classmethod

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from router.asgi import Receive, Request, Scope, Send
 from router.auth import KeyStore, RateLimiter
+from router.cost import ClusterCost, ConfiguredReplicas, ReplicaSource
 from router.dispatch import Dispatcher
 from router.endpoints import Endpoints
 from router.errors import MethodNotAllowed, NotFound, OpenWeightError, ServiceShuttingDown
@@ -24,6 +25,8 @@ from router.health import Health, UpstreamHealth
 from router.metrics import Metrics
 from router.schemas import Endpoint
 from router.settings import CLUSTER, Settings, UpstreamConfig
+from router.spend import Spend
+from router.state import LocalState, StateStore
 from router.upstreams.base import Upstream
 from router.upstreams.http import cluster_upstream, provider_upstream
 
@@ -48,10 +51,13 @@ def build_upstreams(settings: Settings) -> dict[str, Upstream]:
 class RouterApp:
     """The ASGI application: routes, lifespan (prober, connection pools) and error rendering."""
 
-    def __init__(self, settings: Settings, endpoints: Endpoints, upstreams: Mapping[str, Upstream]) -> None:
+    def __init__(self, settings: Settings, endpoints: Endpoints, upstreams: Mapping[str, Upstream],
+                 state: StateStore | None = None) -> None:
         self.settings = settings
         self.endpoints = endpoints
         self.upstreams = upstreams
+        self.state = state
+        """The shared state store, closed at shutdown (None: in-process state)."""
         e = endpoints
         self.routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": lambda r: e.inference(r, Endpoint.CHAT)},
@@ -131,6 +137,8 @@ class RouterApp:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._prober
         await asyncio.gather(*(up.aclose() for up in self.upstreams.values()))
+        if self.state is not None:
+            await self.state.aclose()
 
 
 def _request_id(scope: Scope) -> str:
@@ -150,8 +158,11 @@ def create_app(
     metrics: Metrics | None = None,
     upstreams: Mapping[str, Upstream] | None = None,
     clock: Callable[[], float] | None = None,
+    state: StateStore | None = None,
+    replicas: ReplicaSource | None = None,
 ) -> RouterApp:
-    """Build the router. Every dependency can be passed in; defaults come from `settings`."""
+    """Build the router. Every dependency can be passed in; defaults come from `settings`
+    (`state`: the shared state store, Redis when ``router.state.redis_url`` is set)."""
     metrics = metrics or Metrics()
     upstreams = dict(upstreams) if upstreams is not None else build_upstreams(settings)
 
@@ -162,15 +173,17 @@ def create_app(
     clock = clock or time.monotonic
     health = Health({name: upstream_config(settings, name).circuit for name in upstreams}, clock, on_change)
     dispatcher = Dispatcher(upstreams, health, settings.router.retry, settings.router.deadline_s, clock)
-    endpoints = Endpoints(
-        settings,
-        keys if keys is not None else KeyStore.from_config(settings.router.auth),
-        RateLimiter(),
-        health,
-        dispatcher,
-        metrics,
-    )
-    return RouterApp(settings, endpoints, upstreams)
+    keys = keys if keys is not None else KeyStore.from_config(settings.router.auth)
+    limiter = RateLimiter()
+    if state is None and settings.router.state.redis_url is not None:
+        from router.state_redis import RedisState  # only a router with shared state needs redis-py
+
+        state = RedisState(settings.router.state)
+    key_budgets = {p.name: p.budget for p in keys.principals if p.budget is not None}
+    spend = Spend(settings, metrics, LocalState(limiter), state, key_budgets)
+    cost = ClusterCost(settings, metrics, replicas or ConfiguredReplicas(settings))
+    endpoints = Endpoints(settings, keys, limiter, health, dispatcher, metrics, spend, cost)
+    return RouterApp(settings, endpoints, upstreams, state)
 
 
 def upstream_config(settings: Settings, name: str) -> UpstreamConfig:

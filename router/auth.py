@@ -19,7 +19,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from router.config_file import error_message
 from router.errors import AuthenticationFailed, PermissionDenied, RateLimited
-from router.settings import ApiKey, AuthConfig, ConfigError, RateLimit, Settings
+from router.settings import ApiKey, AuthConfig, Budget, ConfigError, RateLimit, Settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +29,7 @@ class Principal:
     name: str
     models: frozenset[str] | None = None
     rate_limit: RateLimit | None = None
+    budget: Budget | None = None
 
     def check_model(self, model: str) -> None:
         if self.models is not None and model not in self.models:
@@ -55,7 +56,7 @@ class KeyStore:
         self._entries = tuple(
             _Entry(
                 bytes.fromhex(k.sha256) if k.sha256 else digest(k.key or ""),
-                Principal(k.name, frozenset(k.models) if k.models is not None else None, k.rate_limit),
+                Principal(k.name, frozenset(k.models) if k.models is not None else None, k.rate_limit, k.budget),
             )
             for k in keys
         )
@@ -84,6 +85,11 @@ class KeyStore:
             except ValidationError as exc:
                 raise ConfigError(f"{config.keys_env}[{i}]: {error_message(exc.errors()[0])}") from None
         return cls(keys)
+
+    @property
+    def principals(self) -> tuple[Principal, ...]:
+        """Every key's principal, in file order (names only: no key or digest)."""
+        return tuple(entry.principal for entry in self._entries)
 
     @property
     def open(self) -> bool:

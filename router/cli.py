@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from router import spend_cli
 from router.auth import KeyStore, client_keys
 from router.config_file import load_settings
 from router.settings import ConfigError, Settings
@@ -123,6 +124,7 @@ def build_parser(
     check.add_argument("--json", action="store_true", help="print JSON instead of YAML")
     check.set_defaults(func=functools.partial(_check_config, checks=tuple(config_checks)))
 
+    spend_cli.register(sub)
     for register in commands:
         register(sub)
     return parser

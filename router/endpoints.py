@@ -8,7 +8,8 @@ import time
 
 from router import policy
 from router.asgi import Request, until_disconnect
-from router.auth import KeyStore, RateLimiter
+from router.auth import KeyStore, Principal, RateLimiter
+from router.cost import ClusterCost
 from router.dispatch import Dispatcher
 from router.errors import (
     ClientDisconnected,
@@ -24,6 +25,8 @@ from router.relay import relay
 from router.resume import Resumer, eligible
 from router.schemas import Endpoint, ParsedRequest, parse_request
 from router.settings import Settings
+from router.spend import Spend, Ticket
+from router.state import LocalState
 
 CLIENT_CLOSED = 499
 """Status recorded in metrics when the client went away (nothing is sent)."""
@@ -40,6 +43,8 @@ class Endpoints:
         health: Health,
         dispatcher: Dispatcher,
         metrics: Metrics,
+        spend: Spend | None = None,
+        cost: ClusterCost | None = None,
     ) -> None:
         self.settings = settings
         self.keys = keys
@@ -47,13 +52,17 @@ class Endpoints:
         self.health = health
         self.dispatcher = dispatcher
         self.metrics = metrics
+        self.spend = spend or Spend(settings, metrics, LocalState(limiter))
+        self.cost = cost
 
     async def inference(self, request: Request, endpoint: Endpoint) -> None:
         observer: RequestObserver | None = None
+        principal: Principal | None = None
+        ticket: Ticket | None = None
         status = 500
         try:
             principal = self.keys.authenticate(request.header(b"authorization"))
-            self.limiter.check(principal)
+            self.spend.check_rate(principal)
             content_type = request.header(b"content-type")
             if content_type is not None and content_type.split(";")[0].strip().lower() != "application/json":
                 raise UnsupportedMediaType(f"content-type must be application/json, not {content_type!r}")
@@ -61,19 +70,26 @@ class Endpoints:
             if parsed.model not in self.settings.models:
                 raise ModelNotFound(f"the model {parsed.model!r} does not exist", param="model")
             principal.check_model(parsed.model)
-            observer = self.metrics.observe(parsed.model)
-            plan = policy.plan(self.settings, parsed.model, self.health.snapshot())
+            observer = self.metrics.observe(parsed.model, principal.name)
+            snapshot = self.health.snapshot()
+            ticket = await self.spend.admit(principal, parsed, snapshot)  # state I/O: before the policy
+            plan = policy.plan(self.settings, parsed.model, snapshot, ticket.exhausted)
             observer.add_overhead(time.perf_counter() - request.start)
             status = await self._serve(request, parsed, plan, observer)
         except OpenWeightError as error:
             status = error.status
             if observer is None and isinstance(error, ClientError):
-                observer = self.metrics.observe(NONE)
+                observer = self.metrics.observe(NONE, principal.name if principal is not None else NONE)
             if not request.started_response and not isinstance(error, ClientDisconnected):
                 await request.respond_error(error)
         finally:
             if observer is not None:
                 observer.finish(status)
+            if ticket is not None:  # settlement: after the answer
+                upstream = observer.upstream if observer is not None else NONE
+                served = upstream != NONE and (status < 300 or status == CLIENT_CLOSED)
+                await self.spend.settle(ticket, upstream, observer.tokens if observer else {}, served=served,
+                                        estimated=observer.estimated if observer else frozenset())
 
     async def _serve(
         self, request: Request, parsed: ParsedRequest, plan: policy.Plan, observer: RequestObserver
@@ -156,6 +172,9 @@ class Endpoints:
 
     async def metrics_endpoint(self, request: Request) -> None:
         self.health.publish()
+        await self.spend.refresh()
+        if self.cost is not None:
+            self.cost.accrue()
         for model, up in self.upstreams_up().items():
             self.metrics.child(self.metrics.model_upstreams_up, model).set(up)
         await request.respond(200, self.metrics.exposition(), content_type="text/plain; version=0.0.4")

@@ -14,7 +14,8 @@ OpenWeightError                     500 internal_error
 │   ├── UnsupportedMediaType        415
 │   ├── HeadersTooLarge             431
 │   ├── ClientDisconnected          499 (recorded, never sent: the client left mid-request)
-│   └── RateLimited                 429 rate_limit_error (Retry-After)
+│   ├── RateLimited                 429 rate_limit_error (Retry-After)
+│   └── QuotaExceeded               429 insufficient_quota: the key's budget is spent
 └── UpstreamError                   an attempt at one upstream failed; the dispatcher may fall back
     ├── UpstreamConnectError        502 connection refused / reset / DNS
     ├── UpstreamTimeout             504 connect or first-byte timeout
@@ -22,6 +23,7 @@ OpenWeightError                     500 internal_error
     ├── UpstreamSaturated           503 the router's in-flight limit for it is reached (max_connections)
     ├── UpstreamUnavailable         503 no upstream left to try (all failed, open or inactive)
     └── ServiceShuttingDown         503 the router is draining
+StateUnavailable (OpenWeightError)  503 the shared state (Redis) failed and router.state.on_error is closed
 ```
 Third-party exceptions (the HTTP client's) are translated into this tree in exactly one place,
 :func:`router.upstreams.http.map_client_errors`.
@@ -124,6 +126,14 @@ class RateLimited(ClientError):
         super().__init__(message, headers={"retry-after": str(max(1, round(retry_after_s + 0.5)))})
 
 
+class QuotaExceeded(ClientError):
+    """The key's budget for the current period is spent (OpenAI's own code for an exhausted quota)."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+
 class UpstreamError(OpenWeightError):
     """One attempt at an upstream failed in a way that another upstream may not."""
 
@@ -176,3 +186,11 @@ class ServiceShuttingDown(UpstreamError):
 
     def __init__(self, message: str = SHUTDOWN_MESSAGE) -> None:
         super().__init__(message)
+
+
+class StateUnavailable(OpenWeightError):
+    """Rate limits and budgets could not be checked (Redis failed) and the router is set to refuse then."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "state_unavailable"

@@ -39,4 +39,6 @@ class Outcome(StrEnum):
     """The spill-over policy sent the request to providers first: the cluster signalled overload."""
     DEADLINE = "deadline"
     """The request's deadline passed before this upstream could be tried."""
+    BUDGET = "budget"
+    """The provider's budget for the period is spent: skipped."""
 

@@ -8,6 +8,8 @@ from router.health import CircuitState, HealthSnapshot
 from router.outcomes import Outcome
 from router.settings import CLUSTER, Policy, Settings
 
+"""Fallback reason: a provider past its budget for the period is skipped."""
+
 
 @dataclass(frozen=True, slots=True)
 class Target:
@@ -68,8 +70,9 @@ def cluster_overloaded(settings: Settings, model: str, snapshot: HealthSnapshot)
     return limit is not None and snapshot.cluster_in_flight >= limit
 
 
-def plan(settings: Settings, model: str, snapshot: HealthSnapshot) -> Plan:
-    """The plan for one request: open circuits and upstreams in Retry-After are skipped.
+def plan(settings: Settings, model: str, snapshot: HealthSnapshot, exhausted: frozenset[str] = frozenset()) -> Plan:
+    """The plan for one request: open circuits, upstreams in Retry-After and providers in
+    `exhausted` (past their budget) are skipped.
 
     An upstream that asked for time (Retry-After) is still tried last when nothing else is left,
     because a short wait for it beats failing the request; an open circuit never is.
@@ -81,7 +84,9 @@ def plan(settings: Settings, model: str, snapshot: HealthSnapshot) -> Plan:
         steps.append(Skip(ordered[-1], Outcome.SPILLOVER))  # counted as a fallback when a provider takes it
     for target in ordered:
         health = snapshot.upstreams[target.upstream]
-        if health.state is CircuitState.OPEN:
+        if target.upstream in exhausted:
+            steps.append(Skip(target, Outcome.BUDGET))
+        elif health.state is CircuitState.OPEN:
             steps.append(Skip(target, Outcome.CIRCUIT_OPEN))
         elif health.deferred:
             steps.append(Skip(target, Outcome.OVERLOADED))

@@ -255,11 +255,13 @@ async def _stream(client: Responder, committed: Committed, observer: RequestObse
                 return failure
             delivered = Delivered.read(resumer.endpoint, b"".join(sent))
             own = Delivered.read(resumer.endpoint, b"".join(sent[part_start:]))
-            used = tracker.usage or own.usage or (0, own.content_events)
-            observer.usage(*used, upstream=part.upstream)
             why_not = resumer.why_not(delivered, part.upstream)
             if why_not is not None:
+                if tracker.usage is not None:
+                    observer.usage(*tracker.usage, upstream=part.upstream)
                 return f"{failure} (not continued: {why_not})"
+            used = tracker.usage or own.usage or (0, own.content_events)
+            observer.usage(*used, upstream=part.upstream, estimated=tracker.usage is None and own.usage is None)
             try:
                 resumed = await resumer.resume(delivered, part.upstream, used)
             except UpstreamError as exc:

@@ -21,8 +21,21 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from router.config_model import Strict
+from router.spend_config import (
+    Budget,
+    OnStateError,
+    Period,
+    Price,
+    StateConfig,
+    redact_redis_url,
+    serve_cost_problems,
+)
+
+__all__ = ["Budget", "OnStateError", "Period", "Price", "StateConfig", "redact_redis_url"]
 
 CLUSTER = "cluster"
 """The upstream name of the self-hosted cluster (metrics labels, ``x-openweight-upstream``)."""
@@ -30,12 +43,6 @@ CLUSTER = "cluster"
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names every bad key."""
-
-
-class Strict(BaseModel):
-    """Base of every config section: unknown keys are errors, values are frozen once validated."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Policy(StrEnum):
@@ -143,6 +150,9 @@ class ProviderConfig(UpstreamConfig):
         description="How this provider continues a stream that broke on another upstream (see Continuation); "
         "`none`: it is never asked to.",
     )
+    budget: Budget | None = Field(
+        None, description="Most this provider may cost per period; past it the provider is skipped (reason budget)."
+    )
 
     def api_key(self) -> str | None:
         """The key from `api_key_env`, blank ends removed (keys mounted from files end with a newline)."""
@@ -159,6 +169,9 @@ class Fallback(Strict):
 
     provider: str = Field(description="Key of an entry under `providers`.")
     model: str = Field(description="The provider's id for this model.")
+    price: Price | None = Field(
+        None, description="The provider's price for this model; without it its spend is not counted (USD 0)."
+    )
 
 
 class ModelConfig(Strict):
@@ -218,6 +231,9 @@ class ApiKey(Strict):
     key: str | None = Field(None, description="The key in clear; hashed at load and then forgotten.")
     models: list[str] | None = Field(None, description="Public model names allowed; all when absent.")
     rate_limit: RateLimit | None = Field(None, description="Per-key request rate.")
+    budget: Budget | None = Field(
+        None, description="Most this key may spend on providers per period; past it: 429 insufficient_quota."
+    )
 
     @model_validator(mode="after")
     def _one_secret(self) -> Self:
@@ -269,6 +285,9 @@ class RouterConfig(Strict):
     probe_interval_s: float = Field(5.0, gt=0, description="Seconds between health probes.")
     retry: RetryConfig = Field(default_factory=RetryConfig, description="Retries of one upstream.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="Client authentication.")
+    state: StateConfig = Field(
+        default_factory=StateConfig, description="Rate limits, budgets and spend: in-process or shared (Redis)."
+    )
 
 
 class Settings(BaseSettings):
@@ -297,6 +316,7 @@ class Settings(BaseSettings):
                     problems.append(
                         f"models.{name}.fallbacks.{i}.provider: unknown provider {fallback.provider!r}"
                     )
+            problems.extend(serve_cost_problems(name, model.serve))
             needs_provider = model.policy in (Policy.PROVIDER_FIRST, Policy.PROVIDER_ONLY, Policy.SPILLOVER)
             if needs_provider and not model.fallbacks:
                 problems.append(f"models.{name}.policy: {model.policy.value} needs at least one fallback")
@@ -334,6 +354,8 @@ class Settings(BaseSettings):
         """The resolved config as plain data, with no secret in it (for `check-config`)."""
         data = self.model_dump(mode="json")
         data["cluster"]["url"] = _redact_url(self.cluster.url)
+        if self.router.state.redis_url is not None:
+            data["router"]["state"]["redis_url"] = redact_redis_url(self.router.state.redis_url)
         for name, provider in self.providers.items():
             shown = data["providers"][name]
             shown["url"] = _redact_url(provider.url)

@@ -45,8 +45,9 @@ class RouterServer:
         return httpx.Client(base_url=self.url, timeout=20, **kwargs)
 
     def metric(self, name: str, **labels: str) -> float:
-        """The current value of one sample on /metrics (0 when absent)."""
+        """The sum of the samples of `name` on /metrics whose labels include `labels` (0 when none)."""
         text = httpx.get(self.url + "/metrics").text
+        total = 0.0
         for line in text.splitlines():
             if not line.startswith(name):
                 continue
@@ -58,8 +59,8 @@ class RouterServer:
                 (k, v.strip('"')) for k, v in (pair.split("=", 1) for pair in rest.rstrip("}").split(",") if pair)
             )
             if all(found.get(k) == v for k, v in labels.items()):
-                return float(value)
-        return 0.0
+                total += float(value)
+        return total
 
 
 def make_settings(cluster: FakeUpstream | str | None, providers: dict[str, FakeUpstream | str] | None = None,

@@ -19,7 +19,7 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_every_part_adds_its_verbs() -> None:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert set(sub.choices or ()) == {"router", "check-config", "cluster", "model", "run", "bench"}
+    assert set(sub.choices or ()) == {"router", "check-config", "spend", "cluster", "model", "run", "bench"}
 
 
 def test_the_router_imports_neither_the_cluster_side_nor_the_benchmarks() -> None:

@@ -97,14 +97,14 @@ def test_metrics_exposition_moves_and_passes_promtool(tmp_path):
     check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     for sample in [
-        'openweight_requests_total{model="m1",status="200",upstream="cluster"} 1.0',
-        'openweight_requests_total{model="m1",status="200",upstream="prov"} 1.0',
-        'openweight_requests_total{model="none",status="400",upstream="none"} 1.0',
+        'openweight_requests_total{key="anonymous",model="m1",status="200",upstream="cluster"} 1.0',
+        'openweight_requests_total{key="anonymous",model="m1",status="200",upstream="prov"} 1.0',
+        'openweight_requests_total{key="anonymous",model="none",status="400",upstream="none"} 1.0',
         'openweight_fallbacks_total{from_upstream="cluster",model="m1",reason="server_error",to_upstream="prov"} 1.0',
         'openweight_upstream_attempts_total{outcome="server_error",upstream="cluster"} 1.0',
         'openweight_time_to_first_token_seconds_count{model="m1",upstream="prov"} 1.0',
         'openweight_request_duration_seconds_count{model="m1",upstream="cluster"} 1.0',
-        'openweight_tokens_total{kind="completion",model="m1",upstream="prov"} 5.0',
+        'openweight_tokens_total{key="anonymous",kind="completion",model="m1",upstream="prov"} 5.0',
         'openweight_in_flight_requests{model="m1"} 0.0',
         'openweight_upstream_up{upstream="prov"} 1.0',
         'openweight_circuit_state{upstream="cluster"} 0.0',

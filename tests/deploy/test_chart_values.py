@@ -201,3 +201,45 @@ def test_readiness_path_is_a_value(helm: str) -> None:
     assert probe()["httpGet"] == {"path": "/readyz", "port": "http"}
     healthz = probe("--set", "router.readinessProbe.httpGet.path=/healthz")
     assert healthz == {**probe(), "httpGet": {"path": "/healthz", "port": "http"}}
+
+
+# --- Shared state: limits that hold across router replicas ------------------------------------
+
+KEYS_FILE = ["--set", "router.apiKeys.keysFile.existingSecret=keys"]
+REDIS = ["--set", "router.state.redisUrl.existingSecret=redis", "--set", "router.state.redisUrl.secretKey=url"]
+PROVIDER_BUDGET = ["--set", "providers.p.url=https://p.example/v1", "--set", "providers.p.budget.usd=10",
+                   "--set", "providers.p.budget.period=day"]
+
+
+@pytest.mark.parametrize("args", [
+    KEYS_FILE,  # a keys file may carry rate limits and budgets: two replicas by default
+    [*KEYS_FILE, "--set", "router.replicas=1", "--set", "router.autoscaling.enabled=true"],
+    ["--set", "router.state.keysHaveLimits=true", "--set", "router.replicas=3"],
+    PROVIDER_BUDGET,
+])
+def test_several_replicas_with_limits_need_shared_state(helm: str, args: list[str]) -> None:
+    error = support.render_error(helm, *args)
+    assert "router.state.redisUrl.existingSecret" in error and "per replica" in error
+
+
+@pytest.mark.parametrize("args", [
+    [*KEYS_FILE, *REDIS],
+    [*PROVIDER_BUDGET, *REDIS],
+    [*KEYS_FILE, "--set", "router.replicas=1"],
+    [*KEYS_FILE, "--set", "router.state.keysHaveLimits=false"],
+    [],  # keys from the environment variable carry no limits
+])
+def test_limits_render_with_shared_state_or_one_replica(helm: str, args: list[str]) -> None:
+    docs = support.render(helm, None, *args)
+    container = support.one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container.get("env") or []}
+    if "router.state.redisUrl.existingSecret=redis" in args:
+        ref = env["OPENWEIGHT_ROUTER__STATE__REDIS_URL"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "redis", "key": "url"}
+    else:
+        assert "OPENWEIGHT_ROUTER__STATE__REDIS_URL" not in env
+
+
+def test_a_redis_url_in_the_config_map_is_refused(helm: str) -> None:
+    error = support.render_error(helm, "--set", "router.config.state.redis_url=redis://:pw@r:6379/0")
+    assert "router.state.redisUrl.existingSecret" in error and "pw@" not in error

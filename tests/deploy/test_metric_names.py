@@ -42,8 +42,10 @@ def router_config(cluster: FakeUpstream, provider: FakeUpstream) -> dict[str, ob
     return {
         "router": {"probe_interval_s": 3600, "retry": {"max_attempts": 1}},
         "cluster": {"url": cluster.url, **fast},
-        "providers": {"p": {"url": provider.url, **fast}},
-        "models": {"m": {"fallbacks": [{"provider": "p", "model": "p-model"}]}},
+        "providers": {"p": {"url": provider.url, **fast, "budget": {"usd": 100, "period": "month"}}},
+        "models": {"m": {"serve": {"source": "org/m", "cost_per_replica_hour": 2.5},
+                         "fallbacks": [{"provider": "p", "model": "p-model",
+                                        "price": {"input_per_mtok": 0.5, "output_per_mtok": 1.5}}]}},
     }
 
 

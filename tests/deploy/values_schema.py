@@ -72,6 +72,7 @@ def chart_schema() -> Schema:
         "replicas": COUNT,
         "config": {"$ref": "#/$defs/RouterConfig"},
         "apiKeys": obj({"existingSecret": STR, "secretKey": STR, "keysFile": SECRET_REF}),
+        "state": obj({"redisUrl": SECRET_REF, "keysHaveLimits": {"type": ["boolean", "null"]}}),
         "providerKeys": obj({
             "existingSecret": STR,
             "secrets": {"type": "object", "additionalProperties": obj({"name": STR, "key": STR}, ["name"])},

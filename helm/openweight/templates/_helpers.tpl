@@ -213,6 +213,31 @@ matchExpressions:
 {{- if .Values.cluster.enabled -}}
 {{- include "openweight.validate.replicasFit" . -}}
 {{- end -}}
+{{- include "openweight.validate.sharedState" . -}}
+{{- end -}}
+
+{{/* Limits counted per key or provider need one count for all router replicas: with several
+     replicas (or the HPA) and rate limits or budgets, refuse to render without shared state. */}}
+{{- define "openweight.validate.sharedState" -}}
+{{- $state := (.Values.router.config | default dict).state | default dict -}}
+{{- if hasKey $state "redis_url" -}}
+{{- fail "router.config.state.redis_url: the Redis URL may hold a password; put it in a Secret and name it in router.state.redisUrl.existingSecret" -}}
+{{- end -}}
+{{- $limited := list -}}
+{{- $keys := .Values.router.state.keysHaveLimits -}}
+{{- if or (eq (toString $keys) "true") (and (kindIs "invalid" $keys) .Values.router.apiKeys.keysFile.existingSecret) -}}
+{{- $limited = append $limited "client keys (the keys file) with rate_limit or budget" -}}
+{{- end -}}
+{{- range $name, $provider := .Values.providers -}}
+{{- if $provider.budget -}}
+{{- $limited = append $limited (printf "providers.%s.budget" $name) -}}
+{{- end -}}
+{{- end -}}
+{{- $replicas := ternary "the HPA" (printf "%d replicas" (int .Values.router.replicas)) .Values.router.autoscaling.enabled -}}
+{{- $several := or .Values.router.autoscaling.enabled (gt (int .Values.router.replicas) 1) -}}
+{{- if and $several $limited (not .Values.router.state.redisUrl.existingSecret) -}}
+{{- fail (printf "router.state.redisUrl.existingSecret: the router runs %s and counts %s per replica, letting each through once per replica; point the routers at one Redis (see the chart README), run one replica, or set router.state.keysHaveLimits=false when the keys file has no rate_limit or budget" $replicas (join " and " $limited)) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Non-empty when a key name reads as a credential: one of its parts (split at `_`, `-`, `.` and
