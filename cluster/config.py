@@ -133,6 +133,14 @@ class ServeSpec(_Strict):
         description="vLLM engine arguments (`AsyncEngineArgs` / frontend fields), e.g. `max_model_len`.",
     )
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables of the engine.")
+    stream_batching_interval_ms: float | None = Field(
+        0,
+        ge=0,
+        description="Classic data path only: Ray Serve LLM groups a stream's chunks between its replicas "
+        "for this long (`experimental_configs.stream_batching_interval_ms`); 0 sends each at once, so "
+        "the first token is not held back; null keeps Ray's default (50 ms). The direct path has no "
+        "such step.",
+    )
 
     @field_validator("engine_args")
     @classmethod

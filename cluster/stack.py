@@ -41,6 +41,7 @@ from cluster.config import ServeSpec, load_cluster_config
 from cluster.model import ModelError, resolve_source
 from cluster.placement import placement
 from cluster.runtime import ClusterError
+from router.cluster_routes import DataPath
 from router.settings import ConfigError, Settings, config_path
 
 METRICS_EXPORT_PORT = 8101
@@ -201,12 +202,14 @@ class LocalStack:
             for spec in self.specs.values()
         )
         num_cpus = max(os.cpu_count() or 1, int(needed) + 2)  # + the OpenAI ingress and a spare
-        direct = self.direct_ingress and direct_ingress(self.specs)
+        haproxy = self.settings.cluster.data_path is DataPath.DIRECT  # HAProxy answers cluster.url
+        direct = self.direct_ingress and direct_ingress(self.specs) and not haproxy
         self._proxy_port = free_port(self.serve_host) if direct else self.serve_port
         self._local_ray = start_local_ray(
             num_cpus=num_cpus,
             metrics_export_port=self.metrics_export_port,
             direct_ingress_port=self.serve_port if direct else None,
+            haproxy=haproxy,
         )
         start_serve(host=self.serve_host, port=self._proxy_port)
         ray_env = f"RAY_ADDRESS={self._local_ray.gcs_address} RAY_AUTH_TOKEN_PATH={self._local_ray.token_path}"
@@ -242,7 +245,8 @@ class LocalStack:
         """
         from cluster.runtime import delete
 
-        delete()
+        for app in self.serve_config()["applications"]:
+            delete(app["name"])
         deadline = time.monotonic() + timeout_s
         while self._proxy_port != self.serve_port and not _port_free(self.serve_host, self.serve_port):
             if time.monotonic() > deadline:
@@ -298,7 +302,7 @@ def ready_message(stack: LocalStack) -> str:
     """The URL and a curl example, printed once everything answers."""
     settings = stack.settings
     model = next(iter(settings.models)) if stack.with_router else next(iter(stack.specs))
-    base = f"{stack.router_url}/v1" if stack.with_router else settings.cluster.url
+    base = f"{stack.router_url}/v1" if stack.with_router else settings.cluster_base_url(model)
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
     auth_config = settings.router.auth
     keyed = stack.with_router and (auth_config.keys_file is not None or os.environ.get(auth_config.keys_env))
