@@ -166,7 +166,7 @@ def applications(settings: Settings, specs: Mapping[str, ServeSpec]) -> list[dic
             "args": {"models": {model_id: block}, "data_path": DataPath.DIRECT.value},
             "runtime_env": {"env_vars": {DIRECT_STREAMING: "1"}},
         }
-        for model_id, block in blocks.items()
+        for model_id, block in sorted(blocks.items())  # by id, as the chart writes them
     ]
 
 

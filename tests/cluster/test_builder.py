@@ -186,7 +186,7 @@ def test_direct_path_deploys_one_direct_streaming_application_per_model_at_its_r
     from cluster.config import serve_specs
 
     apps = serve_config(settings, serve_specs(settings))["applications"]
-    assert [(a["name"], a["route_prefix"], a["import_path"]) for a in apps] == [
+    assert [(a["name"], a["route_prefix"], a["import_path"]) for a in apps] == [  # sorted by model id
         ("qwen-qwen2-5-14b", "/llm/qwen-qwen2-5-14b", IMPORT_PATH), ("small", "/llm/small", IMPORT_PATH),
     ]
     assert apps[0]["args"] == {"models": {"Qwen/Qwen2.5-14B": {"source": "Qwen/Qwen2.5-14B"}}, "data_path": "direct"}
