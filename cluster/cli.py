@@ -53,7 +53,8 @@ def _up_remote(args: argparse.Namespace, address: str) -> int:
     connect(address)
     http = config["http_options"]
     start_serve(host=http["host"], port=http["port"])
-    print(f"deploying {', '.join(config['applications'][0]['args']['models'])} to {address}")
+    models = [model for app in config["applications"] for model in app["args"]["models"]]
+    print(f"deploying {', '.join(models)} to {address} ({settings.cluster.data_path.value} data path)")
     deploy_config(config, timeout_s=args.timeout)
     print(f"deployed; Serve HTTP on port {http['port']} of every node")
     return 0
@@ -89,7 +90,10 @@ def _status(args: argparse.Namespace) -> int:
         from router.settings import load_settings
 
         try:
-            print(_probe(load_settings(args.config).cluster.url))
+            settings = load_settings(args.config)
+            bases = (settings.cluster_base_url(settings.cluster_model_id(name)) for name in settings.models)
+            for base in dict.fromkeys(bases):  # on the direct path, one line per model (its route)
+                print(_probe(base))
         except ConfigError as exc:
             return _fail("cluster status", exc, 2)
     if not address:

@@ -52,7 +52,7 @@ def main() -> None:
     from vllm.benchmarks.serve import main as serve_main
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    parser = FlexibleArgumentParser(description="vLLM's serving benchmark client")
+    parser = FlexibleArgumentParser(description="vLLM's serving benchmark client")  # type: ignore[no-untyped-call]
     add_cli_args(parser)
     serve_main(parser.parse_args())
 
