@@ -4,8 +4,9 @@
 
 1. prepare the built-in models (download and convert once; later runs only check the cache);
 2. start a private local Ray (:func:`cluster.runtime.start_local_ray`) and Serve, whose proxy
-   answers on the host and port of ``cluster.url`` (with ``--direct-ingress``, the OpenAI ingress
-   replica itself does, see :func:`direct_ingress`, and the proxy listens on a private port);
+   answers on the host and port of ``cluster.url``: HAProxy on the direct data path (the default),
+   Serve's Python proxy on the classic one (with ``--direct-ingress``, the OpenAI ingress replica
+   itself does, see :func:`direct_ingress`, and the proxy listens on a private port);
 3. deploy the Serve config that KubeRay would get (Serve builds the ``ray.serve.llm`` application
    from it with ``cluster.builder:app_from_args``, so this process never imports vLLM) and wait
    until every replica is ready;
@@ -374,8 +375,9 @@ def register_run(subparsers: Any) -> None:
     parser.add_argument("--config", help="config file (default: $OPENWEIGHT_CONFIG)")
     parser.add_argument(
         "--direct-ingress", action="store_true",
-        help="serve cluster.url from the OpenAI ingress replica itself, not Serve's proxy: one process hop "
-        "less per token, but a crashed ingress replica cannot come back (its port stays blocked)",
+        help="classic data path only: serve cluster.url from the OpenAI ingress replica itself, not Serve's "
+        "proxy: one process hop less per token, but a crashed ingress replica cannot come back (its port stays "
+        "blocked)",
     )
     parser.set_defaults(func=_run_command)
 
