@@ -79,3 +79,15 @@ def test_each_model_goes_to_its_own_route_and_the_probe_checks_them(fakes) -> No
     ]
     assert cluster.probes >= 2  # GET <route>/v1/models of each model
 
+
+
+@pytest.mark.parametrize("asked", ["M1", "m1/", "../m1", "m1/../m1", "%6D1", "m1\u200b"])
+def test_a_client_cannot_reach_a_route_with_a_name_that_only_slugs_like_a_model(fakes, asked: str) -> None:
+    """Routes come from the config, never from what the client asks for: a name that is not a
+    configured model is a 404 from the router, and nothing reaches the cluster."""
+    cluster = fakes("cluster", prefixes=("/m1",))
+    with RouterServer(direct_settings(f"http://127.0.0.1:{cluster.port}/v1", "m1")) as router, \
+            router.client() as client:
+        answer = client.post("/v1/chat/completions", json=chat(model=asked))
+    assert answer.status_code == 404 and answer.json()["error"]["code"] == "model_not_found"
+    assert cluster.requests == []
