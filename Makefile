@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml cluster/install.sh tools/install-validators.s
 install: $(VENV)/.installed
 
 lint: install
-	$(VENV)/bin/ruff check router cluster tests
+	$(VENV)/bin/ruff check router cluster bench openweight tests
 
 typecheck: install
 	$(VENV)/bin/mypy

@@ -35,10 +35,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from cluster.config import Accelerator, ServeSpec, parse_serve_specs
+from cluster.errors import ClusterConfigError
 from cluster.model import resolve_source
 from cluster.placement import placement
 from router.cluster_routes import DataPath, route_prefix, slug
-from router.settings import ConfigError, Settings
+from router.settings import Settings
 
 APP_NAME = "openweight"
 ROUTE_PREFIX = "/"
@@ -111,7 +112,7 @@ def llm_configs(specs: Mapping[str, ServeSpec], *, resolve: Resolver = resolve_s
 def cluster_specs(settings: Settings, specs: Mapping[str, ServeSpec]) -> dict[str, ServeSpec]:
     """Re-key ``specs`` (by public name) by the model id the cluster serves."""
     if not specs:
-        raise ConfigError("models: no model has a `serve` block, so the cluster has nothing to host")
+        raise ClusterConfigError("models: no model has a `serve` block, so the cluster has nothing to host")
     return {settings.cluster_model_id(name): spec for name, spec in specs.items()}
 
 
@@ -130,11 +131,11 @@ def app_from_args(args: dict[str, Any]) -> Any:
     """
     models = args.get("models")
     if not isinstance(models, Mapping) or not models:
-        raise ConfigError("args.models: a mapping of model id to `serve` block is required")
+        raise ClusterConfigError("args.models: a mapping of model id to `serve` block is required")
     try:
         data_path = DataPath(args.get("data_path", DataPath.CLASSIC))
     except ValueError:
-        raise ConfigError(f"args.data_path: {args.get('data_path')!r} is neither direct nor classic") from None
+        raise ClusterConfigError(f"args.data_path: {args.get('data_path')!r} is neither direct nor classic") from None
     if data_path is DataPath.DIRECT:
         check_direct_streaming(len(models))
     specs = parse_serve_specs(models)
@@ -146,9 +147,9 @@ def check_direct_streaming(models: int) -> None:
     from ray.llm._internal.serve.constants import RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING
 
     if models != 1:
-        raise ConfigError(f"args.models: a direct-path application hosts exactly one model, got {models}")
+        raise ClusterConfigError(f"args.models: a direct-path application hosts exactly one model, got {models}")
     if not RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING:
-        raise ConfigError(f"runtime_env.env_vars.{DIRECT_STREAMING}: must be 1 for a direct-path application")
+        raise ClusterConfigError(f"runtime_env.env_vars.{DIRECT_STREAMING}: must be 1 for a direct-path application")
 
 
 def applications(settings: Settings, specs: Mapping[str, ServeSpec]) -> list[dict[str, Any]]:

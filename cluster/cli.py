@@ -2,43 +2,71 @@
 
 ::
 
+    openweight run --config FILE                    # the local stack: models, Ray Serve + vLLM, router
     openweight cluster serve-config --config FILE   # Serve config (YAML) for KubeRay's serveConfigV2
     openweight cluster up --config FILE             # deploy to $RAY_ADDRESS, or run a private local Ray
     openweight cluster status [--config FILE]       # Serve status on $RAY_ADDRESS / probe cluster.url
     openweight model prepare NAME                   # fetch + convert a built-in model once
 
-Every verb sets ``func`` on the parsed namespace: ``args.func(args) -> int`` (exit status).
-Importing this module imports neither Ray nor vLLM; each verb imports what it needs.
+Every verb sets ``func`` on the parsed namespace: ``args.func(args) -> int`` (exit status). A verb
+that fails ends with one line on stderr, ``openweight <verb>: <what went wrong>``, and the exit
+status :func:`cluster.errors.failure` gives (2: the config; 1: the rest). Importing this module
+imports neither Ray nor vLLM; each verb imports what it needs.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 import yaml
 
-from router.settings import ConfigError
+from cluster.errors import ClusterConfigError, failure
+
+Verb = Callable[[argparse.Namespace], int]
 
 
-def _fail(verb: str, exc: BaseException | str, code: int) -> int:
-    print(f"openweight {verb}: {exc}", file=sys.stderr)
-    return code
+def _verb(name: str) -> Callable[[Verb], Verb]:
+    """Have the verb ``openweight <name>`` end a failure with one line and its exit status, not a traceback."""
+
+    def wrap(verb: Verb) -> Verb:
+        @functools.wraps(verb)
+        def run(args: argparse.Namespace) -> int:
+            try:
+                return verb(args)
+            except Exception as exc:
+                found = failure(exc)
+                if found is None:
+                    raise
+                message, code = found
+                print(f"openweight {name}: {message}", file=sys.stderr)
+                return code
+
+        return run
+
+    return wrap
 
 
+@_verb("run")
+def _run(args: argparse.Namespace) -> int:
+    from cluster.foreground import serve_until_stopped
+
+    return serve_until_stopped(args.config, direct_ingress=args.direct_ingress)
+
+
+@_verb("cluster serve-config")
 def _serve_config(args: argparse.Namespace) -> int:
     from cluster.builder import serve_config
     from cluster.config import load_cluster_config
 
-    try:
-        settings, specs = load_cluster_config(args.config)
-        config = serve_config(settings, specs, http_host=args.http_host, http_port=args.http_port)
-    except ConfigError as exc:
-        return _fail("cluster serve-config", exc, 2)
+    settings, specs = load_cluster_config(args.config)
+    config = serve_config(settings, specs, http_host=args.http_host, http_port=args.http_port)
     sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
     return 0
 
@@ -60,18 +88,13 @@ def _up_remote(args: argparse.Namespace, address: str) -> int:
     return 0
 
 
+@_verb("cluster up")
 def _up(args: argparse.Namespace) -> int:
-    from cluster.runtime import ClusterError
-    from cluster.stack import StackError, serve_until_stopped
+    from cluster.foreground import serve_until_stopped
 
-    try:
-        if address := os.environ.get("RAY_ADDRESS"):
-            return _up_remote(args, address)
-        return serve_until_stopped(args.config, with_router=False, deploy_timeout_s=args.timeout)
-    except ConfigError as exc:
-        return _fail("cluster up", exc, 2)
-    except (ClusterError, StackError) as exc:
-        return _fail("cluster up", exc, 1)
+    if address := os.environ.get("RAY_ADDRESS"):
+        return _up_remote(args, address)
+    return serve_until_stopped(args.config, with_router=False, deploy_timeout_s=args.timeout)
 
 
 def _probe(url: str) -> str:
@@ -84,45 +107,48 @@ def _probe(url: str) -> str:
         return f"{url}: unreachable ({exc})"
 
 
+@_verb("cluster status")
 def _status(args: argparse.Namespace) -> int:
     address = os.environ.get("RAY_ADDRESS")
     if args.config:
         from router.settings import load_settings
 
-        try:
-            settings = load_settings(args.config)
-            bases = (settings.cluster_base_url(settings.cluster_model_id(name)) for name in settings.models)
-            for base in dict.fromkeys(bases):  # on the direct path, one line per model (its route)
-                print(_probe(base))
-        except ConfigError as exc:
-            return _fail("cluster status", exc, 2)
+        settings = load_settings(args.config)
+        bases = (settings.cluster_base_url(settings.cluster_model_id(name)) for name in settings.models)
+        for base in dict.fromkeys(bases):  # on the direct path, one line per model (its route)
+            print(_probe(base))
     if not address:
         if not args.config:
-            return _fail("cluster status", "set RAY_ADDRESS (or pass --config to probe cluster.url)", 2)
+            raise ClusterConfigError("set RAY_ADDRESS (or pass --config to probe cluster.url)")
         return 0
-    from cluster.runtime import ClusterError, connect, status_text
+    from cluster.runtime import connect, status_text
 
-    try:
-        connect(address)
-        print(status_text())
-    except ClusterError as exc:
-        return _fail("cluster status", exc, 1)
+    connect(address)
+    print(status_text())
     return 0
 
 
+@_verb("model prepare")
 def _prepare(args: argparse.Namespace) -> int:
-    from cluster.model import ModelError, prepare
+    from cluster.model import prepare
 
-    try:
-        print(prepare(args.name, progress=print))
-    except ModelError as exc:
-        return _fail("model prepare", exc, 1)
+    print(prepare(args.name, progress=print))
     return 0
 
 
 def register(subparsers: Any) -> None:
-    """Add the ``cluster`` and ``model`` verbs to an ``argparse`` subparsers object."""
+    """Add the ``run``, ``cluster`` and ``model`` verbs to an ``argparse`` subparsers object."""
     from cluster.model import BUILTIN_MODELS
+
+    run = subparsers.add_parser("run", help="start the local stack: models, Ray Serve + vLLM, router")
+    run.add_argument("--config", help="config file (default: $OPENWEIGHT_CONFIG)")
+    run.add_argument(
+        "--direct-ingress", action="store_true",
+        help="classic data path only: serve cluster.url from the OpenAI ingress replica itself, not Serve's "
+        "proxy: one process hop less per token, but a crashed ingress replica cannot come back (its port stays "
+        "blocked)",
+    )
+    run.set_defaults(func=_run)
 
     cluster = subparsers.add_parser("cluster", help="the self-hosted Ray Serve + vLLM cluster")
     verbs = cluster.add_subparsers(dest="cluster_command", required=True)

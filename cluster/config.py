@@ -28,11 +28,12 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from cluster.engine_args import RESERVED, engine_arg_names
-from cluster.model import BUILTIN_PREFIX, ModelError, builtin_model
-from router.settings import ConfigError, Settings, load_settings
+from cluster.errors import ClusterConfigError, ModelError
+from cluster.model import BUILTIN_PREFIX, builtin_model
+from router.settings import ConfigError, Settings, Strict, load_settings
 from router.settings import problems as config_problems
 
 BUILTIN_CPU_ENGINE_DEFAULTS: dict[str, Any] = {
@@ -47,7 +48,7 @@ start in ~30 s instead of minutes of torch.compile). ``stream_interval``: after 
 stream tokens four at a time. A CPU engine gives each stream a token every 70-200 ms, too slowly
 for Ray Serve's 50 ms batching to group any, so every token would cross the LLM replica, a Ray
 actor stream and the ingress replica on its own; in groups of four those cost 30-60% less CPU per
-token, which on a small machine goes to the engine instead (see the README's e2e figures).
+token, which on a small machine goes to the engine instead (see docs/performance.md, the e2e figures).
 ``engine_args`` overrides each (``stream_interval: 1`` streams every token)."""
 
 CPU_ENV_DEFAULTS: dict[str, str] = {
@@ -69,11 +70,7 @@ class Accelerator(StrEnum):
     GPU = "gpu"
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Replicas(_Strict):
+class Replicas(Strict):
     """How many replicas of the model run; Serve autoscales between ``min`` and ``max``."""
 
     min: int = Field(1, ge=0, description="Fewest replicas; 0 lets the model scale to zero when idle.")
@@ -100,7 +97,7 @@ class Replicas(_Strict):
         return self.min != self.max
 
 
-class ServeSpec(_Strict):
+class ServeSpec(Strict):
     """How the cluster hosts one model (the model's ``serve:`` block)."""
 
     source: str = Field(
@@ -244,7 +241,7 @@ class ServeSpec(_Strict):
 
 
 def parse_serve_specs(blocks: Mapping[str, Any]) -> dict[str, ServeSpec]:
-    """Validate ``serve`` blocks keyed by model name; raise :class:`ConfigError` naming each bad key."""
+    """Validate ``serve`` blocks keyed by model name; raise :class:`ClusterConfigError` naming each bad key."""
     specs: dict[str, ServeSpec] = {}
     problems: list[str] = []
     for name, block in blocks.items():
@@ -253,7 +250,7 @@ def parse_serve_specs(blocks: Mapping[str, Any]) -> dict[str, ServeSpec]:
         except ValidationError as exc:
             problems.extend(config_problems(exc, f"models.{name}.serve"))
     if problems:
-        raise ConfigError("\n".join(problems))
+        raise ClusterConfigError("\n".join(problems))
     return specs
 
 
@@ -265,7 +262,7 @@ def serve_specs(settings: Settings) -> dict[str, ServeSpec]:
     for name in specs:
         model_id = settings.cluster_model_id(name)
         if model_id in seen:
-            raise ConfigError(
+            raise ClusterConfigError(
                 f"models.{name}.cluster_model: {model_id!r} is already hosted for models.{seen[model_id]}"
             )
         seen[model_id] = name
@@ -273,8 +270,14 @@ def serve_specs(settings: Settings) -> dict[str, ServeSpec]:
 
 
 def load_cluster_config(path: str | os.PathLike[str] | None = None) -> tuple[Settings, dict[str, ServeSpec]]:
-    """Read the config file (``router.settings.load_settings``) and validate every ``serve`` block."""
-    settings = load_settings(path)
+    """Read the config file (``router.settings.load_settings``) and validate every ``serve`` block.
+
+    Every problem is a :class:`ClusterConfigError`, those of the router's part of the file included.
+    """
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        raise ClusterConfigError(str(exc)) from None
     return settings, serve_specs(settings)
 
 

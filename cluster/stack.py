@@ -1,68 +1,53 @@
 """The local stack behind ``make run``: models, a private Ray, the Serve app, then the router.
 
-``openweight run --config deploy/examples/local.yaml``:
+:class:`LocalStack` starts, in order:
 
-1. prepare the built-in models (download and convert once; later runs only check the cache);
-2. start a private local Ray (:func:`cluster.runtime.start_local_ray`) and Serve, whose proxy
-   answers on the host and port of ``cluster.url``: HAProxy on the direct data path (the default),
-   Serve's Python proxy on the classic one (with ``--direct-ingress``, the OpenAI ingress replica
-   itself does, see :func:`direct_ingress`, and the proxy listens on a private port);
-3. deploy the Serve config that KubeRay would get (Serve builds the ``ray.serve.llm`` application
-   from it with ``cluster.builder:app_from_args``, so this process never imports vLLM) and wait
-   until every replica is ready;
-4. start the router (``python -m router.cli router --config FILE``) as a child process on
-   ``router.host:router.port`` and wait until it answers;
-5. print the URL and a curl example, then wait. SIGTERM or Ctrl-C stops the router (SIGTERM, then
-   SIGKILL after its grace period) and this Ray (``ray.shutdown``), nothing else.
+1. the built-in models (download and convert once; later runs only check the cache);
+2. a private local Ray (:func:`cluster.runtime.start_local_ray`) and Serve, whose proxy answers on
+   the host and port of ``cluster.url``: HAProxy on the direct data path (the default), Serve's
+   Python proxy on the classic one (with ``direct_ingress``, the OpenAI ingress replica itself does,
+   see :func:`direct_ingress`, and the proxy listens on a private port);
+3. the Serve config that KubeRay would get (Serve builds the ``ray.serve.llm`` application from it
+   with ``cluster.builder:app_from_args``, so this process never imports vLLM), waiting until every
+   replica is ready;
+4. the router as a child process (:mod:`cluster.router_process`) on ``router.host:router.port``.
+
+:meth:`LocalStack.stop` stops the router, then this Ray (``ray.shutdown``), nothing else. Serving
+in the foreground until a signal is :mod:`cluster.foreground`; the command is ``openweight run``
+(:mod:`cluster.cli`).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
 import logging
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import IO, Any
 from urllib.parse import urlsplit
 
 from cluster.builder import cluster_specs
 from cluster.config import ServeSpec, load_cluster_config
-from cluster.model import ModelError, resolve_source
+from cluster.errors import ClusterConfigError, StackError
+from cluster.model import resolve_source
 from cluster.placement import placement
-from cluster.runtime import ClusterError
+from cluster.progress import Progress
+from cluster.router_process import RouterProcess
+from router.auth import client_keys
 from router.cluster_routes import DataPath
-from router.settings import ConfigError, Settings, config_path
+from router.net import free_port, port_free
+from router.settings import Settings
 
 METRICS_EXPORT_PORT = 8101
 """Ray's metrics port in the local stack (``ray_serve_*``, ``ray_vllm_*`` for Prometheus)."""
-
-Progress = Callable[[str], None]
-
-
-class StackError(Exception):
-    """The local stack could not start."""
-
-
-class _Stop(Exception):
-    """SIGTERM arrived."""
 
 
 def _endpoint(url: str, what: str) -> tuple[str, int]:
     parts = urlsplit(url)
     if parts.scheme != "http" or parts.hostname is None:
-        raise StackError(f"{what}: the local stack needs an http:// URL, got {url}")
+        raise ClusterConfigError(f"{what}: the local stack needs an http:// URL, got {url}")
     return parts.hostname, parts.port or 80
 
 
@@ -71,24 +56,14 @@ def direct_ingress(specs: Mapping[str, ServeSpec]) -> bool:
 
     The local stack is one node with one ingress replica, so the proxy process in front of it is a
     hop with nothing to route: every token crosses one process less, and on a small machine that
-    process no longer takes CPU from the engine (``openweight bench e2e``, README). Not when every
-    model may scale to zero: Serve then scales the ingress to zero as well, and only the proxy,
-    holding a request, would bring it back. Opt-in (:attr:`LocalStack.direct_ingress`): an ingress
-    replica that dies cannot come back, since its successor finds the port still held by the dead
-    one's closing connections and Serve then never hands that port out again. (On Kubernetes the
-    chart keeps Serve's proxies: KubeRay's Service routes to them.)
+    process no longer takes CPU from the engine (``openweight bench e2e``, docs/performance.md). Not
+    when every model may scale to zero: Serve then scales the ingress to zero as well, and only the
+    proxy, holding a request, would bring it back. Opt-in (:attr:`LocalStack.direct_ingress`): an
+    ingress replica that dies cannot come back, since its successor finds the port still held by
+    the dead one's closing connections and Serve then never hands that port out again. (On
+    Kubernetes the chart keeps Serve's proxies: KubeRay's Service routes to them.)
     """
     return any(spec.replicas.min > 0 for spec in specs.values())
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -107,7 +82,10 @@ class Timings:
 
 @dataclass
 class LocalStack:
-    """Everything ``openweight run`` starts; :meth:`start` then :meth:`stop` (also a context manager)."""
+    """Everything ``openweight run`` starts; :meth:`start` then :meth:`stop` (also a context manager).
+
+    Reads the config at construction: :class:`ClusterConfigError` names what is wrong in it.
+    """
 
     config_path: Path
     progress: Progress = print
@@ -119,20 +97,30 @@ class LocalStack:
     """False: the cluster only (``openweight cluster up`` without ``RAY_ADDRESS``)."""
     direct_ingress: bool = False
     """Serve ``cluster.url`` from the ingress replica itself (see :func:`direct_ingress`)."""
-    timings: Timings = field(default_factory=Timings)
-    _local_ray: Any = None
-    _proxy_port: int | None = None
+
+    settings: Settings = field(init=False)
+    public_specs: dict[str, ServeSpec] = field(init=False)
+    """The ``serve`` blocks by public model name."""
+    specs: dict[str, ServeSpec] = field(init=False)
+    """The same by the model id the cluster serves."""
+    serve_host: str = field(init=False)
+    serve_port: int = field(init=False)
+    """Host and port of ``cluster.url``."""
+    timings: Timings = field(default_factory=Timings, init=False)
+    """Filled in by :meth:`start`."""
+    _local_ray: Any = field(default=None, init=False)
+    _proxy_port: int | None = field(default=None, init=False)
     """Serve's proxy: the port of ``cluster.url``, or a private one with direct ingress."""
-    _router: subprocess.Popen[bytes] | None = None
+    _router: RouterProcess | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         try:
             settings, specs = load_cluster_config(self.config_path)
-        except ConfigError as exc:
-            raise StackError(f"{self.config_path}:\n{exc}") from None
-        self.settings: Settings = settings
-        self.public_specs: dict[str, ServeSpec] = specs
-        self.specs: dict[str, ServeSpec] = cluster_specs(self.settings, specs)
+        except ClusterConfigError as exc:
+            raise ClusterConfigError(f"{self.config_path}:\n{exc}") from None
+        self.settings = settings
+        self.public_specs = specs
+        self.specs = cluster_specs(self.settings, specs)
         self.serve_host, self.serve_port = _endpoint(self.settings.cluster.url, "cluster.url")
 
     @property
@@ -178,14 +166,12 @@ class LocalStack:
     def _check_ports(self) -> None:
         wanted = [("cluster.url", self.serve_host, self.serve_port)]
         if self.with_router:
-            from router.cli import client_keys
-
             client_keys(self.settings)  # what would stop the router, before minutes of deploying
             wanted.append(("router.port", self.settings.router.host, self.settings.router.port))
         if self.metrics_export_port is not None:
             wanted.append(("Ray metrics", "0.0.0.0", self.metrics_export_port))
         for what, host, port in wanted:
-            if not _port_free(host, port):
+            if not port_free(host, port):
                 raise StackError(f"{what}: {host}:{port} is in use (is another stack running?)")
 
     def _prepare(self) -> None:
@@ -195,7 +181,7 @@ class LocalStack:
             self.progress(f"  {model_id}: {source}")
 
     def _start_ray(self) -> None:
-        from cluster.runtime import free_port, start_local_ray, start_serve
+        from cluster.runtime import start_local_ray, start_serve
 
         self.progress(f"[2/{self._steps}] local Ray")
         needed = sum(
@@ -249,7 +235,7 @@ class LocalStack:
         for app in self.serve_config()["applications"]:
             delete(app["name"])
         deadline = time.monotonic() + timeout_s
-        while self._proxy_port != self.serve_port and not _port_free(self.serve_host, self.serve_port):
+        while self._proxy_port != self.serve_port and not port_free(self.serve_host, self.serve_port):
             if time.monotonic() > deadline:
                 raise StackError(f"cluster.url: {self.serve_host}:{self.serve_port} still in use {timeout_s:.0f} s "
                                  "after the application was deleted")
@@ -257,25 +243,9 @@ class LocalStack:
 
     def _start_router(self) -> None:
         self.progress("[4/4] router")
-        command = [sys.executable, "-m", "router.cli", "router", "--config", str(self.config_path),
-                   "--exit-with-parent", str(os.getpid())]
-        out = self.router_output
-        # Its own session: a terminal's Ctrl-C reaches this process, which stops the router (SIGTERM).
-        self._router = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT if out else None,
-                                        start_new_session=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            code = self._router.poll()
-            if code is not None:
-                raise StackError(f"the router exited with status {code}")
-            try:
-                urllib.request.urlopen(f"{self.router_url}/v1/models", timeout=2).close()
-                return
-            except urllib.error.HTTPError:
-                return  # it answers (e.g. 401 without a key)
-            except OSError:
-                time.sleep(0.3)
-        raise StackError(f"the router did not answer on {self.router_url} within 60 s")
+        self._router = RouterProcess(config_path=self.config_path, url=self.router_url, output=self.router_output,
+                                     grace_s=self.settings.router.shutdown_grace_s)
+        self._router.start()
 
     def wait(self) -> int:
         """Block while the router runs and return its exit status (without a router: until a signal)."""
@@ -287,103 +257,8 @@ class LocalStack:
     def stop(self) -> None:
         """Stop the router, then Serve and this Ray. Safe to call more than once."""
         router, self._router = self._router, None
-        if router is not None and router.poll() is None:
-            router.send_signal(signal.SIGTERM)
-            try:
-                router.wait(timeout=self.settings.router.shutdown_grace_s + 5)
-            except subprocess.TimeoutExpired:
-                router.kill()
-                router.wait()
+        if router is not None:
+            router.stop()
         local_ray, self._local_ray = self._local_ray, None
         if local_ray is not None:
             local_ray.shutdown()
-
-
-def ready_message(stack: LocalStack) -> str:
-    """The URL and a curl example, printed once everything answers."""
-    settings = stack.settings
-    model = next(iter(settings.models)) if stack.with_router else next(iter(stack.specs))
-    base = f"{stack.router_url}/v1" if stack.with_router else settings.cluster_base_url(model)
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
-    auth_config = settings.router.auth
-    keyed = stack.with_router and (auth_config.keys_file is not None or os.environ.get(auth_config.keys_env))
-    auth = ' -H "authorization: Bearer $KEY"' if keyed else ""
-    what = "openweight" if stack.with_router else "the cluster"
-    return (
-        f"\n{what} is ready: {base} (OpenAI-compatible)\n"
-        f"  curl -s {base}/chat/completions -H 'content-type: application/json'{auth} \\\n"
-        f"    -d '{body}'\n"
-        "Ctrl-C stops everything."
-    )
-
-
-def _raise_stop(signum: int, frame: FrameType | None) -> None:
-    raise _Stop
-
-
-def serve_until_stopped(
-    config: str | os.PathLike[str] | None,
-    *,
-    with_router: bool = True,
-    direct_ingress: bool = False,
-    deploy_timeout_s: float = 900.0,
-    progress: Progress = print,
-) -> int:
-    """Start the local stack, serve until SIGTERM / Ctrl-C (or until the router exits), stop it.
-
-    ``config`` defaults to ``$OPENWEIGHT_CONFIG``. Returns the exit status.
-    """
-    stack = LocalStack(
-        config_path(config), progress=progress, with_router=with_router, direct_ingress=direct_ingress,
-        deploy_timeout_s=deploy_timeout_s,
-    )
-    previous = signal.signal(signal.SIGTERM, _raise_stop)
-    try:
-        stack.start()
-        t = stack.timings
-        progress(
-            f"started in {t.total_s:.0f} s (models {t.prepare_s:.0f} s, Ray {t.ray_s:.0f} s, "
-            f"deploy {t.deploy_s:.0f} s, router {t.router_s:.0f} s)"
-        )
-        progress(ready_message(stack))
-        code = stack.wait()
-        progress(f"the router exited with status {code}; stopping")
-        return code
-    except (KeyboardInterrupt, _Stop):
-        progress("stopping")
-        return 0
-    finally:
-        with contextlib.suppress(KeyboardInterrupt, _Stop):
-            stack.stop()
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _run_command(args: argparse.Namespace) -> int:
-    try:
-        return serve_until_stopped(args.config, direct_ingress=args.direct_ingress)
-    except (StackError, ConfigError) as exc:
-        print(f"openweight run: {exc}", file=sys.stderr)
-        return 2
-    except (ClusterError, ModelError) as exc:
-        print(f"openweight run: {exc}", file=sys.stderr)
-        return 1
-
-
-def register_run(subparsers: Any) -> None:
-    """Add ``run --config FILE`` (the local stack) to an argparse subparsers object."""
-    parser = subparsers.add_parser("run", help="start the local stack: models, Ray Serve + vLLM, router")
-    parser.add_argument("--config", help="config file (default: $OPENWEIGHT_CONFIG)")
-    parser.add_argument(
-        "--direct-ingress", action="store_true",
-        help="classic data path only: serve cluster.url from the OpenAI ingress replica itself, not Serve's "
-        "proxy: one process hop less per token, but a crashed ingress replica cannot come back (its port stays "
-        "blocked)",
-    )
-    parser.set_defaults(func=_run_command)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print("usage: python -m cluster.stack CONFIG", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(_run_command(argparse.Namespace(config=sys.argv[1], direct_ingress=False)))

@@ -15,13 +15,13 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 
+from router.asgi import Receive, Request, Scope, Send
 from router.auth import KeyStore, RateLimiter
 from router.dispatch import Dispatcher
-from router.endpoints import Endpoints, Receive, Request, Scope, Send
+from router.endpoints import Endpoints
 from router.errors import MethodNotAllowed, NotFound, OpenWeightError, ServiceShuttingDown
 from router.health import Health, UpstreamHealth
 from router.metrics import Metrics
-from router.relay import SHUTDOWN_MESSAGE
 from router.schemas import Endpoint
 from router.settings import CLUSTER, Settings, UpstreamConfig
 from router.upstreams.base import Upstream
@@ -93,7 +93,7 @@ class RouterApp:
                 raise
             # The server's shutdown grace ran out before this request was answered (its body was
             # still arriving, say). One being served answers for itself (Endpoints._serve).
-            await request.respond_error(ServiceShuttingDown(SHUTDOWN_MESSAGE))
+            await request.respond_error(ServiceShuttingDown())
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()

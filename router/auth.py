@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -17,7 +18,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from router.errors import AuthenticationFailed, PermissionDenied, RateLimited
-from router.settings import ApiKey, AuthConfig, ConfigError, RateLimit, error_message
+from router.settings import ApiKey, AuthConfig, ConfigError, RateLimit, Settings, error_message
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +108,32 @@ class KeyStore:
         return found
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) is reachable only from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def client_keys(settings: Settings) -> KeyStore:
+    """The client keys the router would serve with; :class:`ConfigError` where it would refuse to start.
+
+    Without keys the router serves only on a loopback address, unless ``insecure_no_auth`` is set.
+    """
+    keys = KeyStore.from_config(settings.router.auth)
+    host = settings.router.host
+    if keys.open and not is_loopback(host) and not settings.router.auth.insecure_no_auth:
+        raise ConfigError(
+            f"no client API keys are configured, so the router only serves on a loopback address, "
+            f"not {host!r}: set {settings.router.auth.keys_env} or router.auth.keys_file, "
+            "or pass --insecure-no-auth"
+        )
+    return keys
+
+
 class RateLimiter:
     """Token buckets, one per principal with a rate limit."""
 
@@ -120,7 +147,7 @@ class RateLimiter:
         if limit is None:
             return
         rate = limit.requests_per_minute / 60.0
-        capacity = float(limit.burst or max(1, int(limit.requests_per_minute)))
+        capacity = float(limit.capacity)
         now = self._clock()
         tokens, last = self._buckets.get(principal.name, (capacity, now))
         tokens = min(capacity, tokens + (now - last) * rate)

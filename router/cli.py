@@ -1,50 +1,34 @@
-"""The `openweight` command line."""
+"""The router's verbs of the ``openweight`` command line: ``router`` and ``check-config``.
+
+:func:`build_parser` takes the verbs of the other parts (the cluster side, the benchmarks) as
+arguments: the router imports neither, and :mod:`openweight.cli` puts them together.
+``python -m router.cli`` runs the router's verbs alone (the local stack starts the router this way).
+"""
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
+import functools
 import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from importlib import import_module
-from typing import TYPE_CHECKING
+from typing import Any
 
 import yaml
 
+from router.auth import KeyStore, client_keys
 from router.settings import ConfigError, Settings, load_settings
-
-if TYPE_CHECKING:
-    from router.auth import KeyStore
 
 log = logging.getLogger("openweight.router")
 
+Register = Callable[[Any], None]
+"""Adds a part's verbs to the ``argparse`` subparsers object it is given."""
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def client_keys(settings: Settings) -> KeyStore:
-    """The client keys the router would serve with; :class:`ConfigError` where it would refuse to start."""
-    from router.auth import KeyStore
-
-    keys = KeyStore.from_config(settings.router.auth)
-    host = settings.router.host
-    if keys.open and not is_loopback(host) and not settings.router.auth.insecure_no_auth:
-        raise ConfigError(
-            f"no client API keys are configured, so the router only serves on a loopback address, "
-            f"not {host!r}: set {settings.router.auth.keys_env} or router.auth.keys_file, "
-            "or pass --insecure-no-auth"
-        )
-    return keys
+ConfigCheck = Callable[[Settings], None]
+"""A further check of loaded settings for ``check-config``; raises :class:`ConfigError`."""
 
 
 def serve_router(settings: Settings) -> None:
@@ -53,14 +37,16 @@ def serve_router(settings: Settings) -> None:
     import uvicorn
 
     from router.app import create_app
+    from router.metrics import Metrics
     from router.server import server_config
 
     keys = client_keys(settings)
     host = settings.router.host
     if keys.open:
         log.warning("serving without client authentication on %s", host)
-    app = create_app(settings, keys=keys)
-    config = server_config(app, settings.router)
+    metrics = Metrics()
+    app = create_app(settings, keys=keys, metrics=metrics)
+    config = server_config(app, settings.router, refused=metrics.refused)
     uvicorn.Server(config).run()
 
 
@@ -94,18 +80,12 @@ def _router(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_config(args: argparse.Namespace) -> int:
-    from router.auth import KeyStore
-
+def _check_config(args: argparse.Namespace, checks: Sequence[ConfigCheck] = ()) -> int:
     settings = load_settings(args.config_option or args.config)
     KeyStore.from_config(settings.router.auth)  # a keys file the router could not read fails here too
     data = settings.redacted()
-    try:
-        check_cluster = import_module("cluster.config").check_serve_blocks
-    except (ImportError, AttributeError):
-        check_cluster = None
-    if check_cluster is not None:
-        check_cluster(settings)
+    for check in checks:
+        check(settings)
     if args.json:
         print(json.dumps(data, indent=2))
     else:
@@ -113,16 +93,14 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _optional(module: str, function: str) -> Callable[[argparse._SubParsersAction], None] | None:  # type: ignore[type-arg]
-    """A subcommand group from a part that may not be installed (the router image has no Ray)."""
-    try:
-        return getattr(import_module(module), function)  # type: ignore[no-any-return]
-    except (ImportError, AttributeError):
-        return None
+def build_parser(
+    commands: Sequence[Register] = (), config_checks: Sequence[ConfigCheck] = ()
+) -> argparse.ArgumentParser:
+    """``router`` and ``check-config``, then the verbs each of ``commands`` adds.
 
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="openweight", description=__doc__)
+    ``config_checks`` run in ``check-config`` after the router's own (the cluster's ``serve`` blocks).
+    """
+    parser = argparse.ArgumentParser(prog="openweight", description="The `openweight` command line.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     router = sub.add_parser("router", help="run the OpenAI-compatible router")
@@ -142,23 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config", nargs="?", help="config file (default: $OPENWEIGHT_CONFIG)")
     check.add_argument("--config", dest="config_option", metavar="FILE", help="the same, as the router takes it")
     check.add_argument("--json", action="store_true", help="print JSON instead of YAML")
-    check.set_defaults(func=_check_config)
+    check.set_defaults(func=functools.partial(_check_config, checks=tuple(config_checks)))
 
-    for module, function in (
-        ("router.bench", "register"),
-        ("cluster.cli", "register"),
-        ("cluster.stack", "register_run"),
-    ):
-        register = _optional(module, function)
-        if register is not None:
-            register(sub)
+    for register in commands:
+        register(sub)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, parser: argparse.ArgumentParser | None = None) -> int:
+    """Parse ``argv`` with ``parser`` (default: the router's verbs alone) and run the verb; the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
-    args = build_parser().parse_args(argv)
+    args = (parser or build_parser()).parse_args(argv)
     try:
         result: int = args.func(args)
         return result

@@ -17,33 +17,39 @@ from dataclasses import dataclass, field
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, stop_before_delay
+from tenacity import RetryCallState, Retrying
 from tenacity.wait import wait_exponential_jitter
 
 from router.errors import UpstreamError, UpstreamSaturated, UpstreamUnavailable
 from router.health import Health
 from router.metrics import NONE, RequestObserver
+from router.outcomes import Outcome
 from router.policy import Plan, Skip, Target
 from router.schemas import ParsedRequest
 from router.settings import CLUSTER, RetryConfig
 from router.upstreams.base import Upstream, UpstreamRequest, UpstreamResponse
 
+_COMMITS = (Outcome.SUCCESS, Outcome.CLIENT_ERROR)
+"""The outcomes whose answer goes to the client; every other one is a failure."""
 
-def outcome_of(status: int) -> str:
+
+def outcome_of(status: int) -> Outcome:
     """The attempt outcome of an upstream HTTP status; only `success`/`client_error` commit."""
+    if status < 200:
+        return Outcome.PROTOCOL_ERROR  # 101 Switching Protocols (or another 1xx as the final answer): not HTTP we relay
     if status < 300:
-        return "success"
+        return Outcome.SUCCESS
     if status < 400:
-        return "server_error"  # an OpenAI-compatible API never redirects: a wrong URL, or not the API
+        return Outcome.SERVER_ERROR  # an OpenAI-compatible API never redirects: a wrong URL, or not the API
     if status in (401, 403):
-        return "auth_error"  # our credentials at that upstream, not the client's mistake
+        return Outcome.AUTH_ERROR  # our credentials at that upstream, not the client's mistake
     if status == 408:
-        return "timeout"
+        return Outcome.TIMEOUT
     if status in (429, 503):
-        return "overloaded"
+        return Outcome.OVERLOADED
     if status >= 500:
-        return "server_error"
-    return "client_error"
+        return Outcome.SERVER_ERROR
+    return Outcome.CLIENT_ERROR
 
 
 _NEVER_S = 366 * 86400.0
@@ -71,13 +77,13 @@ def retry_after_s(headers: Mapping[str, str], now: Callable[[], float] = time.ti
 class _Failed(Exception):
     """One attempt failed with `outcome`; another upstream may do better."""
 
-    def __init__(self, outcome: str, detail: str, retry_after: float | None = None, attempts: int = 1) -> None:
+    def __init__(self, outcome: Outcome, detail: str, retry_after: float | None = None, attempts: int = 1) -> None:
         super().__init__(detail)
         self.outcome = outcome
         self.detail = detail
         self.retry_after = retry_after
         self.attempts = attempts
-        """Requests this failure sent (0: none left the router)."""
+        """Requests sent to the upstream before this failure, by every try (0: none left the router)."""
 
 
 @dataclass(slots=True)
@@ -111,7 +117,11 @@ class Dispatcher:
         self._retry = retry
         self._deadline_s = deadline_s
         self._clock = clock
-        self._backoff = wait_exponential_jitter(multiplier=retry.backoff_initial_s, max=retry.backoff_max_s)
+        # Tenacity's exponential backoff with jitter, asked for one pause at a time (_pause_s): running
+        # a tenacity loop costs more than a whole request, and most requests need no retry.
+        self._backoff = Retrying(
+            wait=wait_exponential_jitter(multiplier=retry.backoff_initial_s, max=retry.backoff_max_s)
+        )
 
     async def dispatch(
         self, request: ParsedRequest, plan: Plan, request_id: str, observer: RequestObserver
@@ -119,7 +129,7 @@ class Dispatcher:
         """The first committed answer of the plan, or :class:`UpstreamUnavailable`."""
         deadline = self._clock() + self._deadline_s
         targets = plan.targets
-        pending: list[tuple[str, str]] = []  # (from_upstream, reason) waiting for their `to`
+        pending: list[tuple[str, Outcome]] = []  # (from_upstream, reason) waiting for their `to`
         failures: list[str] = []
         retry_hint: float | None = None
         attempts = 0
@@ -127,14 +137,14 @@ class Dispatcher:
             if isinstance(step, Skip):
                 pending.append((step.target.upstream, step.reason))
                 failures.append(f"{step.target.upstream}: {step.reason.replace('_', ' ')}")
-                if step.reason == "circuit_open":
+                if step.reason is Outcome.CIRCUIT_OPEN:
                     # When that circuit lets a trial through is when asking again makes sense.
                     reopens = self._health.breakers[step.target.upstream].reopens_in_s()
                     retry_hint = reopens if retry_hint is None else min(retry_hint, reopens)
                 continue
             if self._clock() >= deadline:
                 failures.append(f"{step.upstream}: deadline reached before trying")
-                pending.append((step.upstream, "deadline"))
+                pending.append((step.upstream, Outcome.DEADLINE))
                 break
             for from_upstream, reason in pending:
                 observer.fallback(from_upstream, step.upstream, reason)
@@ -171,52 +181,40 @@ class Dispatcher:
         return lambda: self._health.cluster_finished(model)
 
     async def _with_retries(
-        self,
-        target: Target,
-        request: UpstreamRequest,
-        observer: RequestObserver,
-        deadline: float,
-        tries: int,
+        self, target: Target, request: UpstreamRequest, observer: RequestObserver, deadline: float, tries: int
     ) -> tuple[UpstreamResponse, int]:
-        try:
-            return await self._attempt(target, request, observer, deadline), 1
-        except _Failed as failed:
-            if tries == 1 or not self._retryable(failed):
-                raise
-            first: _Failed | None = failed
-        # Only a failed first attempt pays for tenacity; it is replayed as tenacity's attempt 1 so
-        # that backoff, Retry-After and the stop conditions all see it.
-        used = 1
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(tries) | stop_before_delay(max(0.0, deadline - self._clock())),
-            wait=self._wait,
-            retry=retry_if_exception(self._retryable),
-            reraise=True,
-        )
-        try:
-            async for attempt in retrying:
-                with attempt:
-                    if first is not None:
-                        replay, first = first, None
-                        raise replay
-                    used += 1
-                    return await self._attempt(target, request, observer, deadline), used
-        except _Failed as failed:
-            failed.attempts = used
-            raise
-        raise AssertionError("unreachable: tenacity either returns or re-raises")
+        """Try `target` up to `tries` times: its response and the requests sent, or the last failure.
 
-    def _wait(self, state: RetryCallState) -> float:
-        failed = state.outcome.exception() if state.outcome else None
-        hint = failed.retry_after if isinstance(failed, _Failed) and failed.retry_after else 0.0
-        return max(self._backoff(state), hint)
+        A failure is tried again unless it cannot get better (:meth:`_retryable`), after a pause
+        (:meth:`_pause_s`) only when that pause ends before the deadline.
+        """
+        tried = sent = 0
+        while True:
+            tried += 1
+            try:
+                return await self._attempt(target, request, observer, deadline), sent + 1
+            except _Failed as failed:
+                sent += failed.attempts
+                failed.attempts = sent
+                if tried >= tries or not self._retryable(failed):
+                    raise
+                pause = self._pause_s(tried, failed)
+                if self._clock() + pause >= deadline:
+                    raise
+            await asyncio.sleep(pause)
 
-    def _retryable(self, exc: BaseException) -> bool:
-        return (
-            isinstance(exc, _Failed)
-            and exc.outcome != "auth_error"
-            and (exc.retry_after or 0.0) <= self._retry.max_retry_after_s
-        )
+    def _retryable(self, failed: _Failed) -> bool:
+        """Not when our credentials were refused, nor when the upstream asks for longer than we wait."""
+        if failed.outcome is Outcome.AUTH_ERROR:
+            return False
+        return (failed.retry_after or 0.0) <= self._retry.max_retry_after_s
+
+    def _pause_s(self, tried: int, failed: _Failed) -> float:
+        """The pause after `tried` tries, the last of which ended in `failed`: tenacity's exponential
+        backoff with jitter, or the upstream's Retry-After when that is longer."""
+        state = RetryCallState(self._backoff, fn=None, args=(), kwargs={})
+        state.attempt_number = tried
+        return max(self._backoff.wait(state), failed.retry_after or 0.0)
 
     async def _attempt(
         self, target: Target, request: UpstreamRequest, observer: RequestObserver, deadline: float
@@ -226,11 +224,11 @@ class Dispatcher:
         if wait > 0:
             # It asked for time (Retry-After) and is the last one left: wait for it, or not at all.
             if wait > self._retry.max_retry_after_s or self._clock() + wait >= deadline:
-                raise _Failed("overloaded", f"overloaded (Retry-After {math.ceil(wait)} s)", wait, attempts=0)
+                raise _Failed(Outcome.OVERLOADED, f"overloaded (Retry-After {math.ceil(wait)} s)", wait, attempts=0)
             await asyncio.sleep(wait)
         if not self._health.acquire(name):
-            observer.attempt(name, "circuit_open")
-            raise _Failed("circuit_open", "circuit open")
+            observer.attempt(name, Outcome.CIRCUIT_OPEN)
+            raise _Failed(Outcome.CIRCUIT_OPEN, "circuit open")
         try:
             response = await self._upstreams[name].send(request, max(0.001, deadline - self._clock()))
         except UpstreamSaturated as exc:
@@ -248,14 +246,14 @@ class Dispatcher:
         if response.status == 404 and "json" not in response.headers.get("content-type", ""):
             # A plain 404 is the upstream not serving the API at all (e.g. Ray Serve's proxy while
             # the app is deployed nowhere), not an OpenAI "model not found" for the client.
-            outcome = "server_error"
+            outcome = Outcome.SERVER_ERROR
         observer.attempt(name, outcome)
-        if outcome in ("success", "client_error"):
+        if outcome in _COMMITS:
             self._health.success(name)
             return response
         await response.aclose()
         hint = retry_after_s(response.headers)
-        if outcome == "overloaded" and (hint is not None or response.status == 429):
+        if outcome is Outcome.OVERLOADED and (hint is not None or response.status == 429):
             # Back-pressure, not a dead upstream: keep the circuit closed, send nothing until then.
             self._health.release(name)
             self._health.defer(name, hint if hint is not None else 1.0)

@@ -4,13 +4,10 @@ auth -> parse -> policy -> dispatch -> relay, with metrics observed throughout."
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 from router import policy
+from router.asgi import Request, until_disconnect
 from router.auth import KeyStore, RateLimiter
 from router.dispatch import Dispatcher
 from router.errors import (
@@ -18,85 +15,18 @@ from router.errors import (
     ClientError,
     ModelNotFound,
     OpenWeightError,
-    PayloadTooLarge,
     ServiceShuttingDown,
     UnsupportedMediaType,
 )
 from router.health import Health
 from router.metrics import NONE, Metrics, RequestObserver
-from router.relay import SHUTDOWN_MESSAGE, relay
+from router.relay import relay
+from router.resume import Resumer, eligible
 from router.schemas import Endpoint, ParsedRequest, parse_request
-from router.server import REQUEST_FAILED
 from router.settings import Settings
-
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 CLIENT_CLOSED = 499
 """Status recorded in metrics when the client went away (nothing is sent)."""
-
-
-@dataclass(slots=True)
-class Request:
-    """One HTTP request as the endpoints see it."""
-
-    scope: Scope
-    receive: Receive
-    send: Send
-    request_id: str
-    start: float = field(default_factory=time.perf_counter)
-    started_response: bool = False
-
-    def header(self, name: bytes) -> str | None:
-        for key, value in self.scope["headers"]:
-            if key == name:
-                return str(value.decode("latin-1"))
-        return None
-
-    async def read_body(self, limit: int) -> bytes:
-        """The whole body, refusing more than `limit` bytes (before reading them when declared)."""
-        declared = self.header(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
-        parts: list[bytes] = []
-        size = 0
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected("the client closed the connection while sending its request")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
-            parts.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(parts)
-            if (failed := self.scope.get(REQUEST_FAILED)) is not None:  # the server found the rest late or malformed
-                raise failed
-
-    async def respond(self, status: int, body: bytes, headers: dict[str, str] | None = None,
-                      content_type: str = "application/json") -> None:
-        raw = [
-            (b"content-type", content_type.encode()),
-            (b"content-length", str(len(body)).encode()),
-            (b"x-request-id", self.request_id.encode()),
-        ]
-        raw.extend((k.encode(), v.encode()) for k, v in (headers or {}).items())
-        self.started_response = True
-        await self.send({"type": "http.response.start", "status": status, "headers": raw})
-        await self.send({"type": "http.response.body", "body": body})
-
-    async def respond_json(self, status: int, payload: object) -> None:
-        await self.respond(status, json.dumps(payload).encode())
-
-    async def respond_error(self, error: OpenWeightError) -> None:
-        await self.respond(error.status, error.body(), error.headers)
-
-
-async def _until_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 class Endpoints:
@@ -159,7 +89,7 @@ class Endpoints:
 
         async def watch() -> None:
             nonlocal gone
-            await _until_disconnect(request.receive)
+            await until_disconnect(request.receive)
             if serving:  # after the last byte uvicorn reports a disconnect too: not a departure then
                 gone = True
                 task.cancel()
@@ -168,8 +98,12 @@ class Endpoints:
         try:
             committed = await self.dispatcher.dispatch(parsed, plan, request.request_id, observer)
             observer.upstream = committed.target.upstream
+            resumer = None
+            if self.settings.router.max_resumes and eligible(parsed):
+                resumer = Resumer(self.settings, self.dispatcher, parsed, plan, request.request_id, observer)
             try:
-                status = await relay(request, committed, observer, strip_usage=parsed.stream and not parsed.wants_usage)
+                status = await relay(request, committed, observer, strip_usage=parsed.stream and not parsed.wants_usage,
+                                     resumer=resumer)
                 serving = False
                 return status
             finally:
@@ -184,7 +118,7 @@ class Endpoints:
             if request.started_response:
                 status = committed.response.status
             else:
-                await request.respond_error(ServiceShuttingDown(SHUTDOWN_MESSAGE))
+                await request.respond_error(ServiceShuttingDown())
                 status = ServiceShuttingDown.status
             task.uncancel()
             return status

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import json
 
+from router.outcomes import Outcome
+
 
 class OpenWeightError(Exception):
     """Base of every error the router renders to a client."""
@@ -127,24 +129,24 @@ class UpstreamError(OpenWeightError):
 
     status = 502
     type = "upstream_error"
-    outcome = "server_error"
+    outcome: Outcome = Outcome.SERVER_ERROR
     """The `outcome` label of openweight_upstream_attempts_total and the fallback reason."""
 
 
 class UpstreamConnectError(UpstreamError):
     code = "upstream_connect_error"
-    outcome = "connect_error"
+    outcome = Outcome.CONNECT_ERROR
 
 
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
-    outcome = "timeout"
+    outcome = Outcome.TIMEOUT
 
 
 class UpstreamProtocolError(UpstreamError):
     code = "upstream_protocol_error"
-    outcome = "protocol_error"
+    outcome = Outcome.PROTOCOL_ERROR
 
 
 class UpstreamSaturated(UpstreamError):
@@ -152,17 +154,25 @@ class UpstreamSaturated(UpstreamError):
 
     status = 503
     code = "upstream_saturated"
-    outcome = "overloaded"
+    outcome = Outcome.OVERLOADED
 
 
 class UpstreamUnavailable(UpstreamError):
     status = 503
     type = "service_unavailable"
     code = "no_upstream_available"
-    outcome = "unavailable"
+    outcome = Outcome.UNAVAILABLE
+
+
+SHUTDOWN_MESSAGE = "the router is shutting down and its grace period for this request ran out"
+"""Why a request still unanswered when the shutdown grace ran out fails: in its 503, or in the
+error event that ends its stream."""
 
 
 class ServiceShuttingDown(UpstreamError):
     status = 503
     type = "service_unavailable"
     code = "shutting_down"
+
+    def __init__(self, message: str = SHUTDOWN_MESSAGE) -> None:
+        super().__init__(message)

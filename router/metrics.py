@@ -12,7 +12,13 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from router.outcomes import Outcome
+
 NONE = "none"
+RESUME_SUCCESS = "success"
+"""`outcome` of openweight_stream_resumes_total: the continuation started."""
+RESUME_FAILED = "failed"
+"""`outcome` of openweight_stream_resumes_total: no upstream took the continuation (error event)."""
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
@@ -71,6 +77,16 @@ class Metrics:
             "openweight_stream_errors", "Streams that broke after bytes reached the client.",
             ["model", "upstream"], registry=r,
         )
+        self.stream_resumes = Counter(
+            "openweight_stream_resumes",
+            "Broken streams continued on another upstream (or the same again), by outcome.",
+            ["model", "from_upstream", "to_upstream", "outcome"], registry=r,
+        )
+        self.resume_gap = Histogram(
+            "openweight_stream_resume_gap_seconds",
+            "The pause a client saw in a continued stream: from the break to the continuation's first byte.",
+            ["model"], buckets=_TTFT_BUCKETS, registry=r,
+        )
         self.overhead = Histogram(
             "openweight_router_overhead_seconds",
             "Time spent in the router itself before the first upstream attempt (edge, auth, parsing, "
@@ -112,10 +128,10 @@ class RequestObserver:
         self._finished = False
         metrics.child(metrics.in_flight, model).inc()
 
-    def attempt(self, upstream: str, outcome: str) -> None:
+    def attempt(self, upstream: str, outcome: Outcome) -> None:
         self._m.child(self._m.attempts, upstream, outcome).inc()
 
-    def fallback(self, from_upstream: str, to_upstream: str, reason: str) -> None:
+    def fallback(self, from_upstream: str, to_upstream: str, reason: Outcome) -> None:
         self._m.child(self._m.fallbacks, self.model, from_upstream, to_upstream, reason).inc()
 
     def add_overhead(self, seconds: float) -> None:
@@ -125,14 +141,22 @@ class RequestObserver:
         if self._first_byte_at is None:
             self._first_byte_at = time.perf_counter()
 
-    def usage(self, prompt: int, completion: int) -> None:
+    def usage(self, prompt: int, completion: int, upstream: str | None = None) -> None:
+        """Tokens used at `upstream` (default: the one that answered)."""
+        upstream = upstream or self.upstream
         if prompt > 0:
-            self._m.child(self._m.tokens, self.model, self.upstream, "prompt").inc(prompt)
+            self._m.child(self._m.tokens, self.model, upstream, "prompt").inc(prompt)
         if completion > 0:
-            self._m.child(self._m.tokens, self.model, self.upstream, "completion").inc(completion)
+            self._m.child(self._m.tokens, self.model, upstream, "completion").inc(completion)
 
     def stream_error(self) -> None:
         self._m.child(self._m.stream_errors, self.model, self.upstream).inc()
+
+    def stream_resume(self, from_upstream: str, to_upstream: str, outcome: str) -> None:
+        self._m.child(self._m.stream_resumes, self.model, from_upstream, to_upstream, outcome).inc()
+
+    def resume_gap(self, seconds: float) -> None:
+        self._m.child(self._m.resume_gap, self.model).observe(seconds)
 
     def finish(self, status: int) -> None:
         if self._finished:

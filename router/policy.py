@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from router.health import CircuitState, HealthSnapshot
+from router.outcomes import Outcome
 from router.settings import CLUSTER, Policy, Settings
 
 
@@ -21,7 +22,7 @@ class Skip:
     """A target passed over without an attempt, and why (a fallback reason)."""
 
     target: Target
-    reason: str
+    reason: Outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,13 +78,13 @@ def plan(settings: Settings, model: str, snapshot: HealthSnapshot) -> Plan:
     deferred: list[Target] = []
     ordered = candidates(settings, model, snapshot)
     if len(ordered) > 1 and ordered[-1].upstream == CLUSTER and settings.models[model].policy is Policy.SPILLOVER:
-        steps.append(Skip(ordered[-1], "spillover"))  # counted as a fallback when a provider takes it
+        steps.append(Skip(ordered[-1], Outcome.SPILLOVER))  # counted as a fallback when a provider takes it
     for target in ordered:
         health = snapshot.upstreams[target.upstream]
         if health.state is CircuitState.OPEN:
-            steps.append(Skip(target, "circuit_open"))
+            steps.append(Skip(target, Outcome.CIRCUIT_OPEN))
         elif health.deferred:
-            steps.append(Skip(target, "overloaded"))
+            steps.append(Skip(target, Outcome.OVERLOADED))
             deferred.append(target)
         else:
             steps.append(target)

@@ -12,12 +12,16 @@ import asyncio
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from router.dispatch import Committed
-from router.errors import UpstreamError
-from router.metrics import RequestObserver
+from router.errors import SHUTDOWN_MESSAGE, UpstreamError, UpstreamProtocolError
+from router.metrics import NONE, RESUME_FAILED, RESUME_SUCCESS, RequestObserver
+from router.resume import Delivered, Resumer
+from router.schemas import usage_of
+from router.upstreams.base import UpstreamResponse
 
 log = logging.getLogger("openweight.router")
 
@@ -37,6 +41,8 @@ class Responder(Protocol):
 _DONE = b"[DONE]"
 _DONE_LINES = (b"data: [DONE]", b"data:[DONE]")
 _EVENT_END = b"\n\n"
+MAX_EVENT_BYTES = 4 << 20
+"""Largest server-sent event relayed; a longer one is a broken stream."""
 
 
 def _ends_stream(data: bytes) -> bool:
@@ -50,20 +56,6 @@ def _ends_stream(data: bytes) -> bool:
                 return True
         at = data.find(_DONE, end)
     return False
-
-
-def usage_of(payload: object) -> tuple[int, int] | None:
-    """(prompt, completion) tokens of a decoded response or chunk that carries `usage`."""
-    if not isinstance(payload, dict):
-        return None
-    usage = payload.get("usage")
-    if not isinstance(usage, dict):
-        return None
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    return (
-        prompt if isinstance(prompt, int) else 0,
-        completion if isinstance(completion, int) else 0,
-    )
 
 
 _USAGE_KEY = b'"usage"'
@@ -98,25 +90,50 @@ class SseTracker:
         self._pending = b""
 
     def feed(self, chunk: bytes) -> bytes:
-        """The complete events in `chunk` (plus what was held back), ready to forward."""
+        """The complete events in `chunk` (plus what was held back), ready to forward.
+
+        Line ends are forwarded as ``\\n`` whichever of CRLF, LF or a bare CR (all three are SSE
+        line ends) the upstream used.
+        """
         data = self._pending + chunk if self._pending else chunk
-        if b"\r\n" in data:
+        held_cr = b""
+        if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
+            if data.endswith(b"\r"):  # maybe half of a CRLF whose LF is in the next chunk
+                data, held_cr = data[:-1], b"\r"
+            data = data.replace(b"\r", b"\n")
         end = data.rfind(_EVENT_END)
         if end < 0:
-            self._pending = data
+            if len(data) > MAX_EVENT_BYTES:  # never ends: holding (and searching) it would grow without bound
+                raise UpstreamProtocolError(f"an event of more than {MAX_EVENT_BYTES} bytes")
+            self._pending = data + held_cr
             return b""
         end += len(_EVENT_END)
-        if end == len(data):  # the usual case: the chunk ends with an event; no copies
+        if end == len(data) and not held_cr:  # the usual case: the chunk ends with an event; no copies
             complete, self._pending = data, b""
         else:
-            complete, self._pending = data[:end], data[end:]
+            complete, self._pending = data[:end], data[end:] + held_cr
         if _DONE in complete and _ends_stream(complete):
             self.done = True
         at = _usage_at(complete)  # most chunks carry the key (`"usage": null`): one search, not two
         if at >= 0:
             complete = self._take_usage(complete, at)
         return complete
+
+    def finish(self) -> bytes:
+        """At the end of the body: what a held-back CR completes, and a last ``data: [DONE]`` that
+        lacked its blank line (the upstream closed right after it), completed. Any other unfinished
+        event is dropped."""
+        out = b""
+        if self._pending.endswith(b"\r"):  # held back in case an LF followed; at the end it is a line end
+            self._pending = self._pending[:-1] + b"\n"
+            out = self.feed(b"")
+        rest = self._pending.rstrip(b"\n")
+        self._pending = b""
+        if rest in _DONE_LINES:
+            self.done = True
+            out += rest + _EVENT_END
+        return out
 
     def _take_usage(self, complete: bytes, at: int) -> bytes:
         """Note the usage of each event that carries one (the first at `at`) and drop the usage-only
@@ -151,9 +168,6 @@ class SseTracker:
         return self.strip_usage and isinstance(payload, dict) and payload.get("choices") == []
 
 
-SHUTDOWN_MESSAGE = "the router is shutting down and its grace period for this request ran out"
-
-
 def error_event(message: str) -> bytes:
     """An in-band OpenAI-style error, then the end of the stream."""
     error = {"message": message, "type": "upstream_error", "param": None, "code": "stream_interrupted"}
@@ -161,20 +175,21 @@ def error_event(message: str) -> bytes:
 
 
 def response_headers(committed: Committed, request_id: str) -> list[tuple[bytes, bytes]]:
-    upstream = committed.response.headers
-    headers = [
-        (b"content-type", upstream.get("content-type", "application/json").encode("latin-1")),
+    """The headers the client gets: the upstream's content type (checked at the upstream) and ours."""
+    return [
+        (b"content-type", committed.response.headers.get("content-type", "application/json").encode("latin-1")),
         (b"x-openweight-upstream", committed.target.upstream.encode()),
         (b"x-openweight-attempts", str(committed.attempts).encode()),
         (b"x-request-id", request_id.encode()),
     ]
-    if "content-encoding" in upstream:
-        headers.append((b"content-encoding", upstream["content-encoding"].encode("latin-1")))
-    return headers
 
 
-async def relay(client: Responder, committed: Committed, observer: RequestObserver, *, strip_usage: bool) -> int:
+async def relay(client: Responder, committed: Committed, observer: RequestObserver, *, strip_usage: bool,
+                resumer: Resumer | None = None) -> int:
     """Send the committed answer to the client; returns the status sent.
+
+    A stream that breaks is continued through `resumer` when it is given and the break allows it;
+    otherwise it ends with an in-band error event and `data: [DONE]`.
 
     A non-streamed answer is read whole before anything is sent, so an upstream that breaks while
     sending it raises :class:`UpstreamError` with no response started (the client gets a 502 JSON).
@@ -186,7 +201,7 @@ async def relay(client: Responder, committed: Committed, observer: RequestObserv
         "text/event-stream"
     )
     if not event_stream:
-        body = await response.aread()
+        body = response.redact(await response.aread())
         if response.status < 300 and b'"usage"' in body:
             try:
                 usage = usage_of(json.loads(body))
@@ -204,29 +219,13 @@ async def relay(client: Responder, committed: Committed, observer: RequestObserv
     headers.append((b"cache-control", b"no-cache"))
     client.started_response = True
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    tracker = SseTracker(strip_usage)
-    failure: str | None = None
-    out = tracker.feed(response.first_chunk)
-    if out:
-        observer.first_byte()
-        await send({"type": "http.response.body", "body": out, "more_body": True})
     try:
-        while chunk := await response.read_chunk():
-            out = tracker.feed(chunk)
-            if out:
-                observer.first_byte()
-                await send({"type": "http.response.body", "body": out, "more_body": True})
-    except UpstreamError as exc:
-        failure = f"the upstream stream broke: {exc.message}"
+        failure = await _stream(client, committed, observer, strip_usage, resumer)
     except asyncio.CancelledError:
         # The client left (then this send does nothing) or the router's shutdown grace ran out:
         # either way the stream ends as a stream, not as a cut connection.
         await send({"type": "http.response.body", "body": error_event(SHUTDOWN_MESSAGE), "more_body": False})
         raise
-    if failure is None and not tracker.done:
-        failure = f"{committed.target.upstream}: the upstream stream ended without [DONE]"
-    if tracker.usage is not None:
-        observer.usage(*tracker.usage)
     if failure is not None:
         log.warning("request %s: %s", request_id, failure)
         observer.stream_error()
@@ -234,3 +233,123 @@ async def relay(client: Responder, committed: Committed, observer: RequestObserv
     else:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     return response.status
+
+
+async def _stream(client: Responder, committed: Committed, observer: RequestObserver, strip_usage: bool,
+                  resumer: Resumer | None) -> str | None:
+    """Relay a stream, continuing it through `resumer` each time it breaks and may be continued.
+
+    Returns why it ended broken, or None when it ended with `[DONE]`.
+    """
+    sent: list[bytes] | None = [] if resumer is not None else None  # what the client has, to continue from
+    part = _Part(committed.target.upstream, committed.response, None, None)
+    continuations: list[Committed] = []
+    try:
+        while True:
+            part_start = len(sent) if sent is not None else 0
+            tracker = SseTracker(strip_usage)
+            failure = await _pump(client.send, part, tracker, observer, sent)
+            if failure is None or resumer is None or sent is None:
+                if tracker.usage is not None:
+                    observer.usage(*tracker.usage, upstream=part.upstream)
+                return failure
+            delivered = Delivered.read(resumer.endpoint, b"".join(sent))
+            own = Delivered.read(resumer.endpoint, b"".join(sent[part_start:]))
+            used = tracker.usage or own.usage or (0, own.content_events)
+            observer.usage(*used, upstream=part.upstream)
+            why_not = resumer.why_not(delivered, part.upstream)
+            if why_not is not None:
+                return f"{failure} (not continued: {why_not})"
+            try:
+                resumed = await resumer.resume(delivered, part.upstream, used)
+            except UpstreamError as exc:
+                observer.stream_resume(part.upstream, NONE, RESUME_FAILED)
+                return f"{failure}; no upstream could continue it: {exc.message}"
+            observer.stream_resume(part.upstream, resumed.committed.target.upstream, RESUME_SUCCESS)
+            log.info("request %s: %s; continued on %s", client.request_id, failure, resumed.committed.target.upstream)
+            continuations.append(resumed.committed)
+            part = _Part(resumed.committed.target.upstream, resumed.committed.response, resumed.rewrite,
+                         resumed.gap_started)
+    finally:
+        for continuation in continuations:
+            continuation.release()
+            await continuation.response.aclose()
+
+
+class _Part:
+    """One upstream's part of a client's stream."""
+
+    __slots__ = ("gap_started", "response", "rewrite", "upstream")
+
+    def __init__(self, upstream: str, response: UpstreamResponse, rewrite: Callable[[bytes], bytes] | None,
+                 gap_started: float | None) -> None:
+        self.upstream = upstream
+        self.response = response
+        self.rewrite = rewrite
+        """Makes a continuation's events part of the first part's stream (None for the first part)."""
+        self.gap_started = gap_started
+        """When the part before it broke (the pause the client sees ends with this part's first byte)."""
+
+
+async def _pump(send: Callable[[dict[str, Any]], Awaitable[None]], part: _Part, tracker: SseTracker,
+                observer: RequestObserver, sent: list[bytes] | None) -> str | None:
+    """Forward one part's events; why it broke, or None when it ended with `[DONE]`.
+
+    With `sent` (the stream may be continued), an upstream's in-band error event is a break too,
+    and everything forwarded is kept there.
+    """
+    response = part.response
+    chunk = response.first_chunk
+    try:
+        while True:
+            out = tracker.feed(chunk) if chunk else b""
+            if not chunk:
+                out = tracker.finish()
+            if out:
+                broke: str | None = None
+                if sent is not None and _ERROR_KEY in out:
+                    out, broke = _until_error_event(out)
+                out = response.redact(out)
+                if part.rewrite is not None:
+                    out = part.rewrite(out)
+                if out:
+                    observer.first_byte()
+                    if part.gap_started is not None:
+                        observer.resume_gap(time.perf_counter() - part.gap_started)
+                        part.gap_started = None
+                    if sent is not None:
+                        sent.append(out)
+                    await send({"type": "http.response.body", "body": out, "more_body": True})
+                if broke is not None:
+                    return f"{part.upstream}: {broke}"
+            if not chunk:
+                break
+            chunk = await response.read_chunk()
+    except UpstreamError as exc:
+        return f"the upstream stream broke: {exc.message}"
+    if not tracker.done:
+        return f"{part.upstream}: the upstream stream ended without [DONE]"
+    return None
+
+
+_ERROR_KEY = b'"error"'
+
+
+def _until_error_event(events: bytes) -> tuple[bytes, str | None]:
+    """`events` up to an in-band error event (``data: {"error": ...}``), and its message; all of
+    them and None when there is none."""
+    at = 0
+    while at < len(events):
+        end = events.find(_EVENT_END, at) + len(_EVENT_END)
+        event = events[at:end]
+        if _ERROR_KEY in event and event.startswith(b"data:"):
+            try:
+                payload = json.loads(event[5:])
+            except ValueError:
+                payload = None
+            if isinstance(payload, dict) and "error" in payload:
+                error = payload["error"]
+                message = error.get("message") if isinstance(error, dict) else None
+                return events[:at], f"an error event in the stream ({str(message)[:200] if message else 'no message'})"
+        at = end
+    return events, None

@@ -30,22 +30,17 @@ import asyncio
 import math
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from router.asgi import REQUEST_FAILED, App
 from router.errors import HeadersTooLarge, InvalidRequest, OpenWeightError, PayloadTooLarge, RequestTimeout
 from router.settings import RouterConfig
 
-if TYPE_CHECKING:
-    from router.app import RouterApp
-
 _LINGER_S = 2.0
 """How long a connection answered outside a request (400, 408, 431) still reads before it closes."""
-
-REQUEST_FAILED = "openweight.request_failed"
-"""Set in a request's ASGI scope to the error its body met (late, malformed): the app answers it."""
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -271,13 +266,20 @@ def guarded_protocol(
     return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), attributes)
 
 
-def server_config(app: RouterApp, config: RouterConfig, **overrides: Any) -> uvicorn.Config:
-    """The uvicorn configuration the router runs with (`overrides`: e.g. another port in tests)."""
+def server_config(
+    app: App, config: RouterConfig, *, refused: Callable[[int], None] | None = None, **overrides: Any
+) -> uvicorn.Config:
+    """The uvicorn configuration the router runs with.
+
+    `refused` is told the status of every answer the server gives itself, for requests that never
+    reach `app` (e.g. :meth:`router.metrics.Metrics.refused`); `overrides`: other uvicorn options,
+    e.g. another port in tests.
+    """
     options: dict[str, Any] = {
         "host": config.host,
         "port": config.port,
         "loop": "uvloop",
-        "http": guarded_protocol(config, app.endpoints.metrics.refused),
+        "http": guarded_protocol(config, refused),
         "lifespan": "on",
         "access_log": False,
         "server_header": False,

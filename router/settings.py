@@ -13,6 +13,7 @@ there, so that the router does not depend on Ray or vLLM.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -35,7 +36,9 @@ class ConfigError(Exception):
     """The configuration cannot be used; the message names every bad key."""
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
+    """Base of every config section: unknown keys are errors, values are frozen once validated."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -49,7 +52,21 @@ class Policy(StrEnum):
     SPILLOVER = "spillover"
 
 
-class CircuitConfig(_Strict):
+class Continuation(StrEnum):
+    """How an upstream takes the rest of a broken chat stream: the original messages plus an
+    assistant message holding the text so far, in the form it understands."""
+
+    NONE = "none"
+    """It cannot continue a stream: a stream that breaks ends with an error event."""
+    CONTINUE_FINAL_MESSAGE = "continue_final_message"
+    """vLLM and SGLang: `continue_final_message: true` with `add_generation_prompt: false`."""
+    PREFIX = "prefix"
+    """The assistant message carries `"prefix": true` (Mistral, DeepSeek)."""
+    TRAILING_ASSISTANT = "trailing_assistant"
+    """A trailing assistant message alone is continued."""
+
+
+class CircuitConfig(Strict):
     """Circuit breaker of one upstream."""
 
     failure_threshold: int = Field(5, ge=1, description="Consecutive failures that open the circuit.")
@@ -61,7 +78,7 @@ class CircuitConfig(_Strict):
     )
 
 
-class UpstreamConfig(_Strict):
+class UpstreamConfig(Strict):
     """Fields shared by the cluster and every provider."""
 
     url: str = Field(description="Base URL of the OpenAI-compatible API, including the /v1 suffix.")
@@ -81,6 +98,11 @@ class UpstreamConfig(_Strict):
         description="Most requests in flight towards this upstream (each holds a connection); past it a "
         "request moves on at once as if the upstream were overloaded, without counting against its "
         "circuit. None: no limit of the router's own (the upstream's back-pressure, 429/503, decides).",
+    )
+    max_response_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024,
+        description="Largest answer (decoded) relayed from this upstream when it is not streamed; a larger one "
+        "counts as a protocol error. A stream is not bounded, each of its events is (4 MiB).",
     )
     circuit: CircuitConfig = Field(default_factory=CircuitConfig, description="Circuit breaker settings.")
     probe: bool = Field(True, description="Probe GET {url}/models in the background to feed the circuit.")
@@ -135,6 +157,11 @@ class ProviderConfig(UpstreamConfig):
         "is named but unset is inactive: it is never called.",
     )
     headers: dict[str, str] = Field(default_factory=dict, description="Extra headers sent to this provider.")
+    continuation: Continuation = Field(
+        Continuation.NONE,
+        description="How this provider continues a stream that broke on another upstream (see Continuation); "
+        "`none`: it is never asked to.",
+    )
 
     def api_key(self) -> str | None:
         """The key from `api_key_env`, blank ends removed (keys mounted from files end with a newline)."""
@@ -146,14 +173,14 @@ class ProviderConfig(UpstreamConfig):
         return self.api_key_env is None or bool(self.api_key())
 
 
-class Fallback(_Strict):
+class Fallback(Strict):
     """One provider that serves the same model, under the provider's own model id."""
 
     provider: str = Field(description="Key of an entry under `providers`.")
     model: str = Field(description="The provider's id for this model.")
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """A model clients can ask for by its public name."""
 
     policy: Policy = Field(Policy.SELF_HOSTED_FIRST, description="Routing policy.")
@@ -170,7 +197,7 @@ class ModelConfig(_Strict):
     )
 
 
-class RetryConfig(_Strict):
+class RetryConfig(Strict):
     """Retries of one upstream (tenacity, exponential backoff with jitter).
 
     Only the last target of a request is retried: while another target remains, moving on to it
@@ -185,14 +212,24 @@ class RetryConfig(_Strict):
     )
 
 
-class RateLimit(_Strict):
-    """A token bucket: `requests_per_minute`, bursting up to `burst`."""
+class RateLimit(Strict):
+    """A token bucket: `requests_per_minute` on average, at most `burst` at once."""
 
-    requests_per_minute: float = Field(gt=0)
-    burst: int | None = Field(None, ge=1, description="Defaults to requests_per_minute (at least 1).")
+    requests_per_minute: float = Field(gt=0, description="Average request rate allowed.")
+    burst: int | None = Field(
+        None,
+        ge=1,
+        description="Requests allowed at once after a quiet spell. Default: one second's worth of the rate, "
+        "at least 1 (300/minute: 5 at once, then one every 0.2 s), not a whole minute's worth.",
+    )
+
+    @property
+    def capacity(self) -> int:
+        """The bucket's size: `burst`, or one second's worth of the rate (at least 1)."""
+        return self.burst or max(1, math.ceil(self.requests_per_minute / 60.0))
 
 
-class ApiKey(_Strict):
+class ApiKey(Strict):
     """A client key as stored in the keys file: only its SHA-256 is kept."""
 
     name: str = Field(description="Who holds the key (logs and error messages use this, never the key).")
@@ -214,7 +251,7 @@ class ApiKey(_Strict):
         return self
 
 
-class AuthConfig(_Strict):
+class AuthConfig(Strict):
     """Client authentication."""
 
     keys_file: Path | None = Field(None, description="YAML file with a list of `ApiKey` entries.")
@@ -226,7 +263,7 @@ class AuthConfig(_Strict):
     )
 
 
-class RouterConfig(_Strict):
+class RouterConfig(Strict):
     """The router process."""
 
     host: str = Field("127.0.0.1", description="Address to listen on.")
@@ -242,6 +279,10 @@ class RouterConfig(_Strict):
     )
     deadline_s: float = Field(
         120.0, gt=0, description="Total time for all attempts of one request before its first byte."
+    )
+    max_resumes: int = Field(
+        2, ge=0, description="Most times one stream that broke after its first byte is continued on another "
+        "upstream (or the same one again); 0: a broken stream ends with an error event.",
     )
     shutdown_grace_s: float = Field(30.0, ge=0, description="Time in-flight requests get on SIGTERM.")
     probe_interval_s: float = Field(5.0, gt=0, description="Seconds between health probes.")

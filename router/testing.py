@@ -22,16 +22,15 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
 import uvicorn
 
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
+from router.asgi import Receive, Scope, Send, until_disconnect
+from router.server_thread import ServerThread
 
 PROMPT_TOKENS = 7
 """``usage.prompt_tokens`` of every answer."""
@@ -64,6 +63,10 @@ class Behavior:
     """Stream only: abort the connection after this many content chunks (no clean end)."""
     omit_done: bool = False
     """Stream only: end the body cleanly but without ``data: [DONE]``."""
+    error_after: int | None = None
+    """Stream only: after this many content chunks send an in-band error event, then ``data: [DONE]``."""
+    stall_after: int | None = None
+    """Stream only: after this many content chunks send nothing more, until the client leaves."""
     hang: bool = False
     """Never send headers, until the client goes away."""
 
@@ -126,11 +129,6 @@ async def _read_body(receive: Receive) -> bytes:
             return b"".join(parts)
 
 
-async def _wait_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
 class FakeUpstream:
     """A fake OpenAI-compatible server on ``127.0.0.1``; a context manager that starts and stops it.
 
@@ -163,8 +161,7 @@ class FakeUpstream:
         self._disconnects = 0
         self._acknowledged = 0
         self._cond = threading.Condition()
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
+        self._thread: ServerThread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing: asyncio.Event | None = None
 
@@ -190,25 +187,17 @@ class FakeUpstream:
         logging.getLogger("uvicorn.error").addFilter(_QUIET_CUTS)
         config = uvicorn.Config(self, host="127.0.0.1", port=self.port, lifespan="off",
                                 log_level="warning", access_log=False, timeout_graceful_shutdown=5)
-        self._server = server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._run, name=f"fake-{self.name}", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"fake upstream {self.name} did not start on port {self.port}")
-            time.sleep(0.002)
-        self.port = server.servers[0].sockets[0].getsockname()[1]
+        self._thread = ServerThread(config, f"fake upstream {self.name}", main=self._serve)
+        self.port = self._thread.start()
 
     def stop(self) -> None:
         """Release pending requests, stop serving and join the thread."""
-        if self._server is None or self._thread is None:
+        if self._thread is None:
             return
         if self._loop is not None and self._closing is not None:
             self._loop.call_soon_threadsafe(self._closing.set)
-        self._server.should_exit = True
-        self._thread.join(10)
-        self._server = self._thread = None
+        self._thread.stop()
+        self._thread = None
 
     def __enter__(self) -> Self:
         self.start()
@@ -218,20 +207,10 @@ class FakeUpstream:
                  tb: TracebackType | None) -> None:
         self.stop()
 
-    def _run(self) -> None:
-        try:
-            import uvloop
-            factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
-        except ImportError:  # pragma: no cover
-            factory = None
-        with asyncio.Runner(loop_factory=factory) as runner:
-            runner.run(self._serve())
-
-    async def _serve(self) -> None:
-        assert self._server is not None
+    async def _serve(self, server: uvicorn.Server) -> None:
         self._loop = asyncio.get_running_loop()
         self._closing = asyncio.Event()
-        await self._server.serve()  # uvicorn installs no signal handlers outside the main thread
+        await server.serve()
 
     def _note_disconnect(self, received: Received) -> None:
         received.disconnected = True
@@ -239,7 +218,7 @@ class FakeUpstream:
             self._disconnects += 1
             self._cond.notify_all()
 
-    async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         method = scope["method"]
@@ -274,7 +253,7 @@ class FakeUpstream:
         """
         assert self._closing is not None
         answer = asyncio.ensure_future(work)
-        gone = asyncio.create_task(_wait_disconnect(receive))
+        gone = asyncio.create_task(until_disconnect(receive))
         closing = asyncio.create_task(self._closing.wait())
         try:
             await asyncio.wait((answer, gone, closing), return_when=asyncio.FIRST_COMPLETED)
@@ -290,7 +269,7 @@ class FakeUpstream:
         answer.cancel()
         return "gone" if gone.done() else "closing"
 
-    async def _inference(self, kind: str, scope: Message, receive: Receive, send: Send) -> None:
+    async def _inference(self, kind: str, scope: Scope, receive: Receive, send: Send) -> None:
         raw = await _read_body(receive)
         try:
             body: Any = json.loads(raw)
@@ -379,6 +358,14 @@ class FakeUpstream:
         for i in range(behavior.chunks):
             if behavior.cut_after is not None and i >= behavior.cut_after:
                 raise _Cut("scripted cut")
+            if behavior.stall_after is not None and i >= behavior.stall_after:
+                await asyncio.Future()
+            if behavior.error_after is not None and i >= behavior.error_after:
+                error = json.loads(_error(500, f"{self.name}: scripted error event"))
+                received.completed = True
+                await send({"type": "http.response.body", "body": b"data: " + json.dumps(error).encode()
+                            + b"\n\ndata: [DONE]\n\n"})
+                return
             if behavior.chunk_delay_s:
                 await asyncio.sleep(behavior.chunk_delay_s)
             await send({"type": "http.response.body", "body": event(f"tok{i} ", first=i == 0),

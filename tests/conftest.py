@@ -1,98 +1,13 @@
-"""Shared fixtures: real routers and fake upstreams on 127.0.0.1 at ephemeral ports."""
+"""Shared fixtures. Helpers that tests import by name are in tests/support.py."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
 import pytest
-import uvicorn
-import uvloop
 
-from router.app import create_app
-from router.auth import KeyStore
-from router.server import server_config
-from router.settings import Settings
 from router.testing import FakeUpstream
-
-MODEL = "m1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class RouterServer:
-    """The real router app under uvicorn in a background thread."""
-
-    def __init__(self, settings: Settings, keys: KeyStore | None = None, **server: Any) -> None:
-        self.app = create_app(settings, keys=keys if keys is not None else KeyStore([]))
-        # The router's own server configuration, on an ephemeral port (`server`: other uvicorn options).
-        config = server_config(self.app, settings.router, host="127.0.0.1", port=0, log_level="warning",
-                               timeout_graceful_shutdown=5, **server)
-        self.server = uvicorn.Server(config)
-        # The router's own event loop (uvloop), as in production.
-        self.thread = threading.Thread(target=lambda: uvloop.run(self.server.serve()), daemon=True)
-
-    def __enter__(self) -> RouterServer:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("router did not start")
-            time.sleep(0.005)
-        self.port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-    def client(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=20, **kwargs)
-
-    def metric(self, name: str, **labels: str) -> float:
-        """The current value of one sample on /metrics (0 when absent)."""
-        text = httpx.get(self.url + "/metrics").text
-        for line in text.splitlines():
-            if not line.startswith(name):
-                continue
-            series, _, value = line.rpartition(" ")
-            head, _, rest = series.partition("{")
-            if head != name:
-                continue
-            found = dict(
-                (k, v.strip('"')) for k, v in (pair.split("=", 1) for pair in rest.rstrip("}").split(",") if pair)
-            )
-            if all(found.get(k) == v for k, v in labels.items()):
-                return float(value)
-        return 0.0
-
-
-def make_settings(cluster: FakeUpstream | str | None, providers: dict[str, FakeUpstream | str] | None = None,
-                  **model: Any) -> Settings:
-    """Settings for one model `m1` served by `cluster` with `providers` as fallbacks, in order."""
-    providers = providers or {}
-    url = lambda u: u.url if isinstance(u, FakeUpstream) else u  # noqa: E731
-    fast_circuit = {"failure_threshold": 3, "reset_timeout_s": 0.5}
-    router = model.pop("router", {})
-    cluster_extra = model.pop("cluster_extra", {})
-    return Settings(
-        router={"retry": {"backoff_initial_s": 0.01, "backoff_max_s": 0.05}, "probe_interval_s": 3600, **router},
-        cluster={"url": url(cluster) if cluster is not None else "http://127.0.0.1:9/v1",
-                 "enabled": cluster is not None, "circuit": fast_circuit, "probe": False,
-                 "first_byte_timeout_s": 2, "data_path": "classic", **cluster_extra},
-        providers={name: {"url": url(p), "circuit": fast_circuit, "probe": False, "first_byte_timeout_s": 2}
-                   for name, p in providers.items()},
-        models={MODEL: {"fallbacks": [{"provider": n, "model": f"{n}-model"} for n in providers], **model}},
-    )
 
 
 @pytest.fixture
@@ -109,12 +24,3 @@ def fakes() -> Iterator[Callable[[str], FakeUpstream]]:
     yield start
     for fake in started:
         fake.stop()
-
-
-def chat(stream: bool = False, **extra: Any) -> dict[str, Any]:
-    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": stream, **extra}
-
-
-def refused_url() -> str:
-    """A loopback URL where nothing listens (connection refused)."""
-    return f"http://127.0.0.1:{free_port()}/v1"

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from router.bench.e2e import engine_arg
-from router.bench.harness import descendants, percentile, stop_group
-from router.bench.report import Column, table
-from router.bench.stack import engine_processes, serve_processes
-from router.cli import main
+from bench.e2e import engine_arg
+from bench.harness import descendants, percentile, stop_group
+from bench.report import Column, table
+from bench.stack import engine_processes, serve_processes
+from openweight.cli import main
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -136,3 +136,45 @@ def test_e2e_engine_args_are_key_value_pairs_with_yaml_values(capsys: pytest.Cap
         main(["bench", "e2e", "--engine-arg", "stream_interval"])
     assert exit_.value.code == 2
     assert "expected KEY=VALUE, got 'stream_interval'" in capsys.readouterr().err
+
+
+def test_charts_draw_whatever_the_figures_are(tmp_path: Path) -> None:
+    """A short run can measure 0 CPU ticks (/proc counts 10 ms ticks): the log-scaled charts still draw."""
+    from bench import failover, overhead
+
+    machine = {"cores": 2}
+    for cpu in (0.0, 1.5):
+        figures = {"cpu_ms_per_request": cpu, "upstream_cpu_ms_per_request": cpu, "rps": cpu, "p50_ms": cpu}
+        rows = [{"target": t, "mode": m, "concurrency": c, **figures}
+                for t in ("direct", "openweight") for m in ("plain", "stream") for c in (1, 8)]
+        overhead.chart({"rows": rows, "date": "2026-12-06", "machine": machine}).savefig(tmp_path / f"o{cpu}.png")
+        requests = [{"ttft_ms": cpu}] * 3
+        result = {"rows": [{"fault": "refused", "router": "openweight", "requests": requests, "healthy_ttft_ms": cpu}],
+                  "date": "2026-12-06"}
+        failover.chart(result).savefig(tmp_path / f"f{cpu}.png")
+
+
+def test_a_suite_that_cannot_start_what_it_needs_ends_with_one_line(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # The e2e suite's config for the local stack is refused before any process starts.
+    code = main(["bench", "e2e", "--engine-arg", "model=other", "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("openweight bench e2e: ") and "'model' is not allowed here" in err, err
+
+
+def test_soak_reads_resumes_and_the_resume_gap_from_a_metrics_page() -> None:
+    from bench.soak import histogram_quantile, metric_sum
+
+    page = "\n".join([
+        'openweight_stream_resumes_total{from_upstream="cluster",model="m",outcome="success",to_upstream="f"} 3.0',
+        'openweight_stream_resumes_total{from_upstream="cluster",model="m",outcome="failed",to_upstream="none"} 1.0',
+        'openweight_stream_resume_gap_seconds_bucket{le="0.1",model="m"} 1.0',
+        'openweight_stream_resume_gap_seconds_bucket{le="0.5",model="m"} 3.0',
+        'openweight_stream_resume_gap_seconds_bucket{le="+Inf",model="m"} 4.0',
+    ])
+    assert metric_sum(page, "openweight_stream_resumes_total", outcome="success") == 3
+    assert metric_sum(page, "openweight_stream_resumes_total") == 4
+    assert histogram_quantile(page, "openweight_stream_resume_gap_seconds", 0.5) == 0.3
+    assert histogram_quantile(page, "openweight_stream_resume_gap_seconds", 0.99) == 0.5
+    assert histogram_quantile("", "openweight_stream_resume_gap_seconds", 0.5) is None

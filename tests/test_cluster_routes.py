@@ -10,7 +10,7 @@ import pytest
 
 from router.cluster_routes import DataPath, model_base_url, route_prefix, slug, slug_conflicts
 from router.settings import ConfigError, Settings, load_settings
-from tests.conftest import RouterServer, chat, make_settings
+from tests.support import RouterServer, chat, make_settings
 
 ODD_ID = "Org/Model.2 beta%2e%2e"
 """A model id with a slash, dots, a space and a percent-escape: each must stay inside its own route."""

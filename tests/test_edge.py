@@ -16,11 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from router.auth import KeyStore
-from router.cli import is_loopback
+from router.auth import KeyStore, is_loopback
 from router.settings import ApiKey, ConfigError, RateLimit
 from router.testing import Behavior, FakeUpstream
-from tests.conftest import MODEL, RouterServer, chat, make_settings
+from tests.support import MODEL, RouterServer, chat, make_settings
 
 KEY = "ow-test-key-1"
 OTHER = "ow-test-key-2"
@@ -183,6 +182,16 @@ _bodies = st.one_of(
             "prompt": _json,
         },
     ).map(lambda v: json.dumps(v).encode()),
+    # What a re-encoding or a lenient parser gets wrong: keys twice, lone surrogates, non-finite numbers.
+    st.lists(
+        st.tuples(
+            st.sampled_from(['"model"', '"stream"', '"stream_options"', '"x"', '"\\ud800"']),
+            st.sampled_from(['"m1"', "true", "false", "NaN", "-Infinity", '"\\udfff"', '{"include_usage": true}',
+                             '{"include_usage": true, "include_usage": false}', '{"\\ud800": "\\udc00x"}', "1e999"]),
+        ),
+        max_size=4,
+    ).map(lambda members: ('{"model": "m1", "stream": true, ' + ", ".join(f"{k}: {v}" for k, v in members)
+                           + "}").encode()),
 )
 
 

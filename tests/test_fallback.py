@@ -7,7 +7,7 @@ import time
 import pytest
 
 from router.testing import Behavior
-from tests.conftest import MODEL, RouterServer, chat, make_settings, refused_url
+from tests.support import MODEL, RouterServer, chat, make_settings, refused_url
 
 
 def test_cluster_serves_first_and_gets_the_request_untouched(fakes):
@@ -24,7 +24,7 @@ def test_cluster_serves_first_and_gets_the_request_untouched(fakes):
     assert sent.body == body
     assert sent.headers["x-request-id"] == "req-42"
     assert float(sent.headers["x-request-timeout-seconds"]) > 0
-    assert "accept-encoding" not in sent.headers  # answers come back as bytes that relay event by event
+    assert sent.headers["accept-encoding"] == "identity"  # answers come back as bytes that relay event by event
     assert prov.requests == []
 
 
@@ -191,6 +191,26 @@ def test_only_the_last_target_is_retried(fakes):
     assert r.headers["x-openweight-attempts"] == "4"
     assert len(cluster.requests) == 1
     assert len(prov.requests) == 3
+
+
+def test_tries_that_find_the_last_target_saturated_send_no_request_and_count_none(fakes):
+    cluster = fakes("cluster", default=Behavior(chunks=10, chunk_delay_s=0.2))
+    limited = {"max_connections": 1, "first_byte_timeout_s": 5}
+    settings = make_settings(cluster, policy="self_hosted_only", cluster_extra=limited)
+    with (
+        RouterServer(settings) as router,
+        router.client() as client,
+        router.client() as other,
+        client.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as held,
+    ):
+        lines = held.iter_lines()
+        next(line for line in lines if line.startswith("data: "))  # the one connection is taken
+        r = other.post("/v1/chat/completions", json=chat())
+        assert r.status_code == 503
+        assert r.headers["x-openweight-attempts"] == "0"
+        assert router.metric("openweight_upstream_attempts_total", upstream="cluster", outcome="overloaded") == 3
+        assert [line for line in lines if line][-1] == "data: [DONE]"
+    assert len(cluster.requests) == 1
 
 
 def test_retries_stop_at_the_deadline(fakes):

@@ -8,7 +8,7 @@ import openai
 import pytest
 
 from router.testing import Behavior
-from tests.conftest import MODEL, RouterServer, make_settings
+from tests.support import MODEL, RouterServer, make_settings
 
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 

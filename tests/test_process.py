@@ -19,9 +19,10 @@ import httpx
 import pytest
 import yaml
 
-from router.bench.harness import answers
+from bench.harness import answers
+from router.net import free_port
 from router.testing import Behavior, FakeUpstream
-from tests.conftest import MODEL, chat, free_port
+from tests.support import MODEL, chat
 
 SECRET = "sk-live-0123456789abcdef-never-leak"
 

@@ -6,7 +6,7 @@ import json
 import socket
 
 from router.testing import Behavior
-from tests.conftest import RouterServer, chat, make_settings
+from tests.support import RouterServer, chat, make_settings
 
 
 def events(text: str) -> list[str]:
@@ -48,7 +48,7 @@ def test_usage_chunk_is_requested_counted_and_stripped_when_not_asked_for(fakes)
 
 def test_a_cut_stream_ends_with_an_error_event_and_done(fakes):
     cluster = fakes("cluster", default=Behavior(chunks=5, cut_after=2))
-    with RouterServer(make_settings(cluster)) as router, router.client() as client:
+    with RouterServer(make_settings(cluster, router={"max_resumes": 0})) as router, router.client() as client:
         r = client.post("/v1/chat/completions", json=chat(stream=True))
         data = events(r.text)
         assert r.status_code == 200

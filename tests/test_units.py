@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import re
@@ -11,13 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router.dispatch import retry_after_s
-from router.errors import InvalidRequest
+from router.auth import Principal, RateLimiter
+from router.dispatch import outcome_of, retry_after_s
+from router.errors import InvalidRequest, RateLimited
 from router.health import Breaker, CircuitState, HealthSnapshot, UpstreamHealth
+from router.outcomes import Outcome
 from router.policy import Skip, Target, plan
-from router.relay import SseTracker, usage_of
-from router.schemas import Endpoint, parse_request
-from router.settings import CircuitConfig, ConfigError, Settings, load_settings
+from router.relay import SseTracker
+from router.schemas import Endpoint, _scan_object, parse_request, usage_of
+from router.settings import CircuitConfig, ConfigError, RateLimit, Settings, load_settings
+from router.upstreams.credentials import Credentials, media_type
 
 EXAMPLE = Path(__file__).parent.parent / "deploy" / "examples" / "minimal.yaml"
 
@@ -195,6 +199,16 @@ def test_breaker_lifecycle():
     assert breaker.state is CircuitState.OPEN
 
 
+def test_outcome_label_values_stay_what_dashboards_and_alert_rules_select_on():
+    assert {str(outcome) for outcome in Outcome} == {
+        "success", "client_error", "server_error", "auth_error", "timeout", "overloaded", "connect_error",
+        "protocol_error", "unavailable", "circuit_open", "spillover", "deadline",
+    }
+    statuses = {200: "success", 302: "server_error", 400: "client_error", 401: "auth_error", 403: "auth_error",
+                404: "client_error", 408: "timeout", 429: "overloaded", 500: "server_error", 503: "overloaded"}
+    assert {status: str(outcome_of(status)) for status in statuses} == statuses
+
+
 def test_retry_after_in_seconds_or_as_an_http_date():
     now = lambda: 1_000_000_000.0  # noqa: E731  2001-09-09T01:46:40Z
     assert retry_after_s({"retry-after": "2.5"}, now) == 2.5
@@ -227,7 +241,11 @@ def test_sse_tracker_reassembles_events_and_takes_usage():
 def _reference_tracking(stream: bytes, strip_usage: bool) -> tuple[bytes, tuple[int, int] | None, bool]:
     """What SseTracker must give, the slow and obvious way: every event split out and checked alone."""
     out, usage, done = [], None, False
-    for event in stream.replace(b"\r\n", b"\n").split(b"\n\n")[:-1]:
+    events = stream.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n\n")
+    if events[-1].rstrip(b"\n") in (b"data: [DONE]", b"data:[DONE]"):  # the last one may lack its blank line
+        events[-1] = events[-1].rstrip(b"\n")
+        events.append(b"")
+    for event in events[:-1]:
         if re.search(rb"(?:^|\n)data: ?\[DONE\]", event):
             done = True
         if event.startswith(b"data:") and re.search(rb'"usage"\s*:\s*\{', event):
@@ -256,20 +274,22 @@ _sse_events = st.one_of(
 
 
 @settings(max_examples=300, deadline=None)
-@given(events=st.lists(_sse_events, max_size=8), crlf=st.booleans(), spaced=st.booleans(), strip_usage=st.booleans(),
-       cuts=st.lists(st.integers(0, 4000), max_size=6))
-def test_sse_tracker_gives_what_checking_each_event_alone_gives(events, crlf, spaced, strip_usage, cuts):
+@given(events=st.lists(_sse_events, max_size=8), newline=st.sampled_from([b"\n", b"\r\n", b"\r"]),
+       spaced=st.booleans(), strip_usage=st.booleans(), cuts=st.lists(st.integers(0, 4000), max_size=6),
+       last_end=st.sampled_from([b"", b"\n", b"\n\n"]))
+def test_sse_tracker_gives_what_checking_each_event_alone_gives(events, newline, spaced, strip_usage, cuts, last_end):
     def encode(event: object) -> bytes:
         if event == "[DONE]":
             return b"data:[DONE]" if not spaced else b"data: [DONE]"
         if isinstance(event, str):
             return event.encode()
         return b"data: " + json.dumps(event, separators=(", ", ": ") if spaced else (",", ":")).encode()
-    newline = b"\r\n" if crlf else b"\n"
     stream = b"".join(encode(e) + newline + newline for e in events)
+    if events and events[-1] == "[DONE]":  # a last [DONE] may end the body with no blank line, or none at all
+        stream = stream[: -2 * len(newline)] + last_end.replace(b"\n", newline)
     bounds = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
     tracker = SseTracker(strip_usage)
-    out = b"".join(tracker.feed(stream[a:b]) for a, b in itertools.pairwise(bounds))
+    out = b"".join(tracker.feed(stream[a:b]) for a, b in itertools.pairwise(bounds)) + tracker.finish()
     assert (out, tracker.usage, tracker.done) == _reference_tracking(stream, strip_usage)
 
 
@@ -286,7 +306,7 @@ def test_parse_request_rewrites_only_the_model_and_usage_option():
 
 
 _json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
     max_leaves=8,
 )
@@ -323,3 +343,89 @@ def test_bodies_that_could_not_be_re_encoded_are_refused():
         parse_request(Endpoint.CHAT, b'{"model": "m", "x": "\xed\xa0\x80", "stream": true}')
     escaped = parse_request(Endpoint.CHAT, b'{"model": "m", "x": "\\ud800", "stream": true}')
     assert b'"x": "\\ud800"' in escaped.body_for("other")
+
+
+_objects = st.dictionaries(st.text(max_size=4), _json_values, max_size=4)
+_blank = st.sampled_from(["", " ", "\n", "\t\r\n ", "  "])
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=_objects, blanks=st.lists(_blank, min_size=5, max_size=5))
+def test_every_json_object_is_scanned_with_its_spans(data, blanks):
+    a, b, c, d, e = blanks
+    members = [f"{a}{json.dumps(k)}{b}:{c}{json.dumps(v)}{d}" for k, v in data.items()]
+    text = e + "{" + ",".join(members) + "}" + a
+    scanned = _scan_object(text)
+    assert scanned is not None and scanned[0] == json.loads(text)  # so the json.loads fallback never sees an object
+    assert {k: json.loads(text[slice(*span)]) for k, span in scanned[1].items()} == data
+
+
+def test_duplicate_keys_and_non_finite_numbers_are_refused():
+    for body, param in [(b'{"model": "a", "model": "b"}', "model"), (b'{"model": "a", "x": 1, "x": 1}', "x"),
+                        (b'{"model": "a", "stream": true, "stream_options": {"include_usage": true, '
+                         b'"include_usage": false}}', "stream_options.include_usage")]:
+        with pytest.raises(InvalidRequest, match="more than once") as refused:
+            parse_request(Endpoint.CHAT, body)
+        assert refused.value.param == param
+    nested = parse_request(Endpoint.CHAT, b'{"model": "a", "messages": [{"role": "a", "role": "b"}]}')
+    assert nested.body_for("a") == nested.raw  # below the top level (but for stream_options): forwarded as sent
+    for value in (b"NaN", b"Infinity", b"-Infinity", b"[NaN]", b'{"x": Infinity}'):
+        with pytest.raises(InvalidRequest, match="not valid JSON"):
+            parse_request(Endpoint.CHAT, b'{"model": "a", "x": ' + value + b"}")
+
+
+def test_credentials_are_redacted_in_every_form_and_keep_headers_clean():
+    creds = Credentials.of("https://u%40x:p%2Fss@host/v1", key="k/+=",
+                           headers={"x-org": "short", "anthropic-version": "2023-06-01", "x-api-key": "h" * 8,
+                                    "Authorization": "Token tok-123"})
+    for form in (b"k/+=", b"k\\/+=", b"k%2F%2B%3D", b"k%2f+%3d", b"\\u006B/+\\u003d", b"p/ss", b"u@x:p/ss",
+                 b"h" * 8, b"Token tok-123", b"tok-123"):
+        assert creds.redact(b"<" + form + b">") == b"<<redacted>>", form
+    basic = base64.b64encode(b"u@x:p/ss")  # base64: all but the last characters, which carry other bits
+    assert basic not in creds.redact(basic) and creds.redact(basic).startswith(b"<redacted>")
+    for plain in (b"short", b"2023-06-01", b"k/+"):
+        assert creds.redact(plain) == plain  # not credentials
+    assert not Credentials() and Credentials().redact(b"k/+=") == b"k/+="
+    assert media_type("text/event-stream; charset=utf-8", creds) == "text/event-stream; charset=utf-8"
+    assert media_type('application/json; x="k/+="', creds) is None
+    for bad in ("text/html, x", "a" * 200 + "/json", "", "json", "text/plain; x=\u00e9"):
+        assert media_type(bad, creds) is None, bad
+
+
+def test_a_rate_limit_without_burst_allows_one_second_s_worth_at_once():
+    clock = Clock()
+    limiter = RateLimiter(clock)
+    fast, slow = Principal("fast", rate_limit=RateLimit(requests_per_minute=300)), Principal(
+        "slow", rate_limit=RateLimit(requests_per_minute=6))
+    for _ in range(5):
+        limiter.check(fast)
+    with pytest.raises(RateLimited):
+        limiter.check(fast)
+    limiter.check(slow)
+    with pytest.raises(RateLimited) as limited:
+        limiter.check(slow)
+    assert limited.value.headers["retry-after"] == "10"
+    clock.now = 0.2
+    limiter.check(fast)
+    clock.now = 10
+    limiter.check(slow)
+
+
+def test_what_a_lenient_upstream_would_read_otherwise_is_refused():
+    deep = b"[" * 985 + b"]" * 985
+    for body, match in [
+        (b'{"model": "a", "stream": true, "stream_options": {"x": ' + deep + b"}}", "nested too deeply"),
+        (b'{"model": "a", "stream": true, "stream_options": {"include_usage": true, "x": ' + deep + b"}}",
+         "nested too deeply"),
+        (b'{"model": "a", "MODEL": "gpt-4o"}', "'MODEL'"),
+        ('{"model": "a", "\u017ftream": true}'.encode(), "'\u017ftream'"),
+        (b'{"model": "a", "Stream_Options": {}}', "'Stream_Options'"),
+        (b'{"model": "a", "temperature": 1e400}', "out of range"),
+        (b'{"model": "a", "x": [-1e999]}', "out of range"),
+    ]:
+        with pytest.raises(InvalidRequest, match=match):
+            parse_request(Endpoint.CHAT, body)
+    wide = parse_request(Endpoint.CHAT, '{"model": "a", "x": "\u00e9"}'.encode("utf-16"))
+    assert wide.body_for("a") == '{"model": "a", "x": "\u00e9"}'.encode()  # UTF-8 on the wire, no BOM
+    assert parse_request(Endpoint.CHAT, b'\xef\xbb\xbf{"model": "a"}').body_for("a") == b'{"model": "a"}'
+    assert parse_request(Endpoint.CHAT, b'{"model": "a", "x": 1e300, "modelx": 1}').data["x"] == 1e300

@@ -30,6 +30,7 @@ class UpstreamResponse(Protocol):
 
     status: int
     headers: dict[str, str]
+    """Lower-case names; only those the router reads, each value checked (never a credential)."""
     first_chunk: bytes
 
     async def read_chunk(self) -> bytes:
@@ -41,6 +42,13 @@ class UpstreamResponse(Protocol):
 
     async def aread(self) -> bytes:
         """The whole body, `first_chunk` included."""
+        ...
+
+    def redact(self, data: bytes) -> bytes:
+        """`data` (part of this body) with every credential the router sent this upstream replaced.
+
+        Call it on what is relayed: whole server-sent events, or the whole body.
+        """
         ...
 
     async def aclose(self) -> None:

@@ -24,6 +24,11 @@ from router.errors import (
 )
 from router.settings import CLUSTER, ClusterConfig, ConfigError, ProviderConfig, UpstreamConfig, header_safe
 from router.upstreams.base import UpstreamRequest
+from router.upstreams.coding import Decoder, decoder_for
+from router.upstreams.credentials import Credentials, media_type
+
+_COMPRESSED = (b"\x1f\x8b", b"\x78\x01", b"\x78\x5e", b"\x78\x9c", b"\x78\xda")
+"""How gzip and zlib data begin; an answer in JSON or server-sent events never does."""
 
 
 def client_error(upstream: str, exc: BaseException) -> UpstreamError:
@@ -48,37 +53,72 @@ def map_client_errors(upstream: str) -> Iterator[None]:
 
 
 class HttpResponse:
-    """A started response, with its first body chunk already read."""
+    """A started response, with its first body chunk already read.
 
-    __slots__ = ("_done", "_response", "_secret", "_upstream", "first_chunk", "headers", "status")
+    Its body arrives decoded (see :mod:`router.upstreams.coding`) and `headers` holds only what the
+    router reads: a well-formed ``content-type`` with no credential in it, and ``retry-after``.
+    """
 
-    def __init__(self, upstream: str, response: aiohttp.ClientResponse, secret: bytes | None,
-                 done: Callable[[], None]) -> None:
+    __slots__ = ("_credentials", "_decoder", "_done", "_limit", "_response", "_upstream", "first_chunk", "headers",
+                 "status")
+
+    def __init__(self, upstream: str, response: aiohttp.ClientResponse, credentials: Credentials,
+                 done: Callable[[], None], limit: int) -> None:
         self._upstream = upstream
         self._response = response
-        self._secret = secret
+        self._credentials = credentials
         self._done: Callable[[], None] | None = done
+        self._limit = limit
         self.status = response.status
-        self.headers = {k.lower(): v for k, v in response.headers.items()}
+        self._decoder: Decoder | None = decoder_for(upstream, response.headers)
+        self.headers: dict[str, str] = {}
+        if (content_type := media_type(response.headers.get("content-type"), credentials)) is not None:
+            self.headers["content-type"] = content_type
+        if (retry_after := response.headers.get("retry-after")) is not None:
+            self.headers["retry-after"] = retry_after
         self.first_chunk = b""
 
     async def _read_first(self) -> None:
         with map_client_errors(self._upstream):
-            self.first_chunk = await self._response.content.readany()
+            self.first_chunk = await self.read_chunk()
+        if self.first_chunk.startswith(_COMPRESSED):
+            # Compressed bytes labelled as plain: the client could decode what the router cannot inspect.
+            raise UpstreamProtocolError(f"{self._upstream}: a compressed answer without its content-encoding")
 
     async def read_chunk(self) -> bytes:
         # Called once per relayed chunk: a plain try costs nothing, a context manager would.
         try:
-            return await self._response.content.readany()
+            if self._decoder is None:
+                return await self._response.content.readany()
+            return await self._read_decoded(self._decoder)
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise client_error(self._upstream, exc) from None
 
+    async def _read_decoded(self, decoder: Decoder) -> bytes:
+        """The next decoded bytes; ``b""`` only at the body's end (a compressed header alone decodes to nothing)."""
+        while True:
+            if decoder.pending:
+                out = decoder.feed(b"")
+            else:
+                raw = await self._response.content.readany()
+                if not raw:
+                    decoder.end()
+                    return b""
+                out = decoder.feed(raw)
+            if out:
+                return out
+
     async def aread(self) -> bytes:
-        with map_client_errors(self._upstream):
-            body = self.first_chunk + await self._response.content.read()
-        if self._secret is not None and self.status >= 400 and self._secret in body:
-            body = body.replace(self._secret, b"<redacted>")  # an error that echoes our own key back
-        return body
+        parts, size = [self.first_chunk], len(self.first_chunk)
+        while chunk := await self.read_chunk():
+            size += len(chunk)
+            if size > self._limit:
+                raise UpstreamProtocolError(f"{self._upstream}: an answer larger than {self._limit} bytes")
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def redact(self, data: bytes) -> bytes:
+        return self._credentials.redact(data) if self._credentials else data
 
     async def aclose(self) -> None:
         if self._response.content.at_eof():
@@ -91,11 +131,7 @@ class HttpResponse:
 
 
 class HttpUpstream:
-    """An OpenAI-compatible API reached over HTTP, with a connection pool kept for the router's life.
-
-    Bodies are relayed as the bytes that arrive (no decompression), so a compressed upstream answer
-    passes through with its ``content-encoding``.
-    """
+    """An OpenAI-compatible API reached over HTTP, with a connection pool kept for the router's life."""
 
     def __init__(
         self,
@@ -104,13 +140,13 @@ class HttpUpstream:
         *,
         headers: dict[str, str] | None = None,
         request_timeout_s: float | None = None,
-        secret: str | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         self.name = name
         self.config = config
-        self._headers = headers or {}
-        self._secret = secret.encode() if secret else None
-        """The provider's key: scrubbed from any error body it sends back."""
+        self._headers = {**(headers or {}), "accept-encoding": "identity"}
+        self._credentials = credentials if credentials is not None else Credentials.of(config.url)
+        """Everything sent to it as a credential: scrubbed from whatever it sends back."""
         self._request_timeout_s = request_timeout_s
         self._base = config.url + "/"
         self._timeout = aiohttp.ClientTimeout(
@@ -131,12 +167,13 @@ class HttpUpstream:
                 connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30),
                 headers=self._headers,
                 timeout=self._timeout,
-                auto_decompress=False,
+                auto_decompress=False,  # decoded by router.upstreams.coding, strictly
                 # Never keep an upstream's cookies: they would go out again with other clients' requests.
                 cookie_jar=aiohttp.DummyCookieJar(),
                 # Never read proxy settings or netrc credentials from the environment for upstream calls.
                 trust_env=False,
-                # No Accept-Encoding: answers arrive as plain bytes that can be relayed event by event.
+                # Accept-Encoding is `identity` (the session's headers): plain bytes that can be
+                # inspected and relayed event by event.
                 skip_auto_headers=("user-agent", "accept-encoding"),
             )
         return self._session
@@ -163,7 +200,8 @@ class HttpUpstream:
                     response = await self._client().request(
                         request.method, url, data=body, headers=headers, allow_redirects=False
                     )
-                started = HttpResponse(self.name, response, self._secret, self._finished)
+                started = HttpResponse(self.name, response, self._credentials, self._finished,
+                                       self.config.max_response_bytes)
                 await started._read_first()
         except BaseException as exc:
             self._finished()
@@ -200,6 +238,7 @@ def cluster_upstream(config: ClusterConfig) -> HttpUpstream:
 def provider_upstream(name: str, config: ProviderConfig) -> HttpUpstream:
     """An external provider; its key is read from the environment once, here, and sent only to it."""
     headers = dict(config.headers)
+    credentials = Credentials.of(config.url, key=config.api_key(), headers=config.headers)
     key = config.api_key()
     if key:
         if not header_safe(key):
@@ -207,4 +246,4 @@ def provider_upstream(name: str, config: ProviderConfig) -> HttpUpstream:
                 f"providers.{name}.api_key_env: {config.api_key_env} holds characters an HTTP header cannot carry"
             )
         headers["authorization"] = f"Bearer {key}"
-    return HttpUpstream(name, config, headers=headers, secret=key)
+    return HttpUpstream(name, config, headers=headers, credentials=credentials)

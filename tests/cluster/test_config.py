@@ -197,7 +197,7 @@ def test_check_serve_blocks_validates_loaded_settings(tmp_path: Path) -> None:
 def test_check_config_cli_reports_serve_errors(tmp_path: Path) -> None:
     path = write_config(tmp_path, {"a": {"serve": {"source": "x", "pipeline_parallel_size": 0}}})
     proc = subprocess.run(
-        [sys.executable, "-m", "router.cli", "check-config", str(path)], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "openweight", "check-config", str(path)], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 2
     assert "models.a.serve.pipeline_parallel_size" in proc.stderr
@@ -215,7 +215,8 @@ def test_engine_argument_names_read_from_source_match_vllm_dataclasses() -> None
 
 def test_config_cli_and_builder_modules_import_neither_ray_nor_vllm() -> None:
     code = (
-        "import sys, cluster.config, cluster.cli, cluster.builder, cluster.placement, cluster.stack, cluster.model\n"
+        "import sys, cluster.config, cluster.cli, cluster.builder, cluster.placement, cluster.stack, cluster.model,"
+        " cluster.foreground, cluster.router_process\n"
         "from cluster.config import parse_serve_specs\n"
         "parse_serve_specs({'m': {'source': 'x', 'engine_args': {'max_model_len': 1}}})\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'vllm', 'torch'))\n"
@@ -250,7 +251,8 @@ def test_a_router_that_would_refuse_to_start_stops_the_stack_before_anything_sta
 
 
 def test_the_ready_message_shows_the_key_header_when_keys_come_from_a_file(tmp_path: Path) -> None:
-    from cluster.stack import LocalStack, ready_message
+    from cluster.foreground import ready_message
+    from cluster.stack import LocalStack
 
     path = tmp_path / "keyed.yaml"
     path.write_text(yaml.safe_dump({
@@ -263,11 +265,11 @@ def test_the_ready_message_shows_the_key_header_when_keys_come_from_a_file(tmp_p
 def test_ports_on_ipv6_addresses_are_checked_as_ipv6() -> None:
     import socket
 
-    from cluster.stack import _port_free
+    from router.net import port_free
 
     with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as held:
         held.bind(("::1", 0))
         held.listen()
         port = held.getsockname()[1]
-        assert not _port_free("::1", port)
-    assert _port_free("::1", port)
+        assert not port_free("::1", port)
+    assert port_free("::1", port)

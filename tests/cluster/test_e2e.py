@@ -10,6 +10,8 @@ deploying it again brings it back to the cluster.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +22,9 @@ import httpx
 import pytest
 import yaml
 
+from router.net import free_port
 from router.testing import FakeUpstream
 from tests.cluster.support import HAS_RAY, HAS_VLLM
-from tests.conftest import free_port
 from tests.deploy import support as deploy_support
 
 MODEL = "smollm2-135m-instruct"
@@ -59,7 +61,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         config = {
             "router": {"host": "127.0.0.1", "port": free_port(), "probe_interval_s": 0.5},
             "cluster": {"url": f"http://127.0.0.1:{free_port()}/v1", "first_byte_timeout_s": 60, "circuit": fast},
-            "providers": {"fallback": {"url": fallback.url, "circuit": fast}},
+            "providers": {"fallback": {"url": fallback.url, "circuit": fast, "continuation": "trailing_assistant"}},
             "models": {
                 MODEL: {
                     # Small limits, so that a handful of requests reach Serve's back-pressure.
@@ -230,9 +232,40 @@ def test_a_killed_engine_s_replica_is_replaced_and_serves_again(stack: Stack) ->
     """The fault soak's event: SIGKILL the engine. The router falls back meanwhile; Serve replaces the
     replica, whose successor listens on a port of its own (never its dead predecessor's), and traffic
     returns to the cluster."""
-    from router.bench.stack import kill_engine
+    from bench.stack import kill_engine
 
     assert kill_engine(), "no engine process found"
     assert upstream_of_next_answer(stack, "fallback", timeout_s=60)[0] == "fallback"
     upstream_of_next_answer(stack, "cluster", timeout_s=300)
     assert httpx.get(f"{model_base(stack)}/models", timeout=30).status_code == 200
+
+def test_a_stream_whose_engine_is_killed_continues_on_the_provider(stack: Stack) -> None:
+    """Last in the module: the replica is left to come back on its own."""
+    from bench.stack import engine_processes
+
+    question = "Count from 1 to 300, one number per line."
+    body = {"model": MODEL, "messages": [{"role": "user", "content": question}], "temperature": 0,
+            "max_tokens": 400, "ignore_eos": True, "stream": True}
+    requests_before = len(stack.fallback.requests)
+    events: list[Any] = []
+    with stack.client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.headers[UPSTREAM] == "cluster"
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line.removeprefix("data: ")
+            events.append(data if data == "[DONE]" else json.loads(data))
+            if len(events) == 4:  # some text reached the client: kill the engine under it
+                engines = engine_processes()
+                assert engines
+                for pid in engines:
+                    os.kill(pid, signal.SIGKILL)
+    assert events[-1] == "[DONE]" and not any(isinstance(e, dict) and "error" in e for e in events)
+    text = "".join((e["choices"][0]["delta"].get("content") or "") for e in events[:-1] if e["choices"])
+    continuation = "tok0 tok1 tok2 tok3 tok4 "  # the fake provider's answer
+    assert text.endswith(continuation) and text != continuation
+    cluster_part = text.removesuffix(continuation)
+    assert cluster_part.startswith("1")
+    sent = stack.fallback.requests[requests_before].body
+    assert sent["messages"] == [{"role": "user", "content": question}, {"role": "assistant", "content": cluster_part}]
+    assert sent["max_tokens"] < 400 and sent["ignore_eos"] is True

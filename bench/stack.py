@@ -1,7 +1,7 @@
 """The real local stack for the ``e2e`` and ``soak`` suites, and vLLM's own server to compare with.
 
 The stack is the cluster side's :class:`cluster.stack.LocalStack` (models, a private Ray, the Serve
-app) without its router: the suites start the router themselves (:func:`router.bench.servers.openweight`)
+app) without its router: the suites start the router themselves (:func:`bench.servers.openweight`)
 to know its process. vLLM's own OpenAI server runs the same model folder with the same engine
 arguments and environment as the Serve replica.
 """
@@ -21,7 +21,8 @@ from typing import IO, Any
 
 import yaml
 
-from router.bench.harness import answers, descendants, free_port, service, stop_group
+from bench.harness import answers, descendants, service, stop_group
+from router.net import free_port
 
 MODEL = "smollm2-135m-instruct"
 """The built-in model (``builtin:smollm2-135m-instruct``): CPU is enough."""
@@ -39,7 +40,8 @@ def stack_config(*, fallback_url: str | None = None, cluster: dict[str, Any] | N
         "models": {MODEL: model},
     }
     if fallback_url is not None:
-        config["providers"] = {"fallback": {"url": fallback_url}}
+        # It continues a stream the cluster broke off (as a vLLM- or SGLang-based provider would).
+        config["providers"] = {"fallback": {"url": fallback_url, "continuation": "continue_final_message"}}
         model["fallbacks"] = [{"provider": "fallback", "model": MODEL}]
     return config
 
@@ -53,10 +55,7 @@ def write_config(config: dict[str, Any], directory: Path) -> Path:
 @contextlib.contextmanager
 def local_stack(path: Path, log: IO[bytes], *, direct_ingress: bool = False) -> Iterator[Any]:
     """The cluster side of ``openweight run`` (no router) for the config at ``path``."""
-    try:
-        from cluster.stack import LocalStack
-    except ImportError as exc:
-        raise RuntimeError(f"the local stack needs the cluster side (pip install -e '.[cpu]'): {exc}") from None
+    from cluster.stack import LocalStack
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -80,7 +79,7 @@ def classic_stack(config: dict[str, Any], directory: Path, log: IO[bytes]) -> It
     classic.pop("router", None)
     path = directory / "classic.yaml"
     path.write_text(yaml.safe_dump(classic))
-    argv = [sys.executable, "-m", "router.cli", "cluster", "up", "--config", str(path)]
+    argv = [sys.executable, "-m", "openweight", "cluster", "up", "--config", str(path)]
     ready = f"{classic['cluster']['url']}/models"
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

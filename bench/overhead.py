@@ -2,7 +2,7 @@
 
 One fake upstream (``python -m router.testing``) answers at once; a second fake is every router's
 fallback provider (configured, never used while the first answers). The same requests go straight
-to the fake (``direct``), through ``floor`` (:mod:`router.bench.floor`: a bare pass-through proxy on
+to the fake (``direct``), through ``floor`` (:mod:`bench.floor`: a bare pass-through proxy on
 uvicorn, the least any Python proxy on this stack costs; ``floor-aiohttp``: the same with the
 router's HTTP client), through openweight and through LiteLLM's
 proxy, plain and streaming, at each concurrency, the targets taking turns so that they share the
@@ -24,10 +24,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from router.bench import litellm, report
-from router.bench.harness import free_port, percentile, run_load, workspace
-from router.bench.report import Column
-from router.bench.servers import MODEL, fake_upstream, floor_proxy, openweight, router_config
+from bench import litellm, report
+from bench.harness import percentile, run_load, workspace
+from bench.report import Column
+from bench.servers import MODEL, fake_upstream, floor_proxy, openweight, router_config
+from router.net import free_port
 
 TARGETS = ("direct", "floor", "floor-aiohttp", "openweight", "litellm")
 
@@ -184,12 +185,12 @@ def chart(result: dict[str, Any]) -> Any:
     levels = sorted({r["concurrency"] for r in rows})
     for ax, title in ((cpu_ax, "CPU ms per request (gray: the fake upstream)"), (rps_ax, "requests/s"),
                       (p50_ax, "p50 latency, ms")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        report.log_axis(ax, "x", base=2)
+        logarithmic = report.log_axis(ax, "y")
         ax.set_xticks(levels, [str(level) for level in levels])
         ax.minorticks_off()
         ax.set_xlabel("concurrency")
-        ax.set_title(title + " (log)", fontsize=9)
+        ax.set_title(title + (" (log)" if logarithmic else ""), fontsize=9)
         ax.grid(True, alpha=0.3)
     rps_ax.legend(fontsize=7, loc="lower left")
     return fig

@@ -38,11 +38,8 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+class BenchError(RuntimeError):
+    """A process a suite needs did not start, did not answer, or is not there."""
 
 
 def _stat_fields(pid: int) -> list[str]:
@@ -122,10 +119,10 @@ def service(name: str, argv: list[str], ready: str | Callable[[], bool] | None, 
         is_ready = (lambda: answers(ready)) if isinstance(ready, str) else ready
         while is_ready is not None and not is_ready():
             if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with status {process.returncode}: {shlex.join(argv)}")
+                raise BenchError(f"{name} exited with status {process.returncode}: {shlex.join(argv)}")
             if time.monotonic() > deadline:
                 where = f" at {ready}" if isinstance(ready, str) else ""
-                raise RuntimeError(f"{name} did not become ready{where} within {ready_timeout_s:.0f} s")
+                raise BenchError(f"{name} did not become ready{where} within {ready_timeout_s:.0f} s")
             time.sleep(0.1)
         yield process
     finally:
@@ -135,12 +132,12 @@ def service(name: str, argv: list[str], ready: str | Callable[[], bool] | None, 
 @contextlib.contextmanager
 def workspace() -> Iterator[tuple[Path, IO[bytes]]]:
     """A suite's scratch folder and the log its child processes write (``processes.log``). When a
-    child does not start or answer (RuntimeError), the log's tail is printed before the error goes on."""
+    child does not start or answer (:class:`BenchError`), the log's tail is printed before the error goes on."""
     with tempfile.TemporaryDirectory(prefix="openweight-bench-") as tmp, \
             open(Path(tmp) / "processes.log", "w+b") as log:
         try:
             yield Path(tmp), log
-        except RuntimeError:
+        except BenchError:
             log.seek(0)
             print(log.read().decode(errors="replace")[-6000:])
             raise

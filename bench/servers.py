@@ -13,7 +13,7 @@ from typing import IO, Any
 
 import yaml
 
-from router.bench.harness import listening, service
+from bench.harness import listening, service
 
 MODEL = "bench-model"
 """The model every suite asks for; fakes answer under any name."""
@@ -64,9 +64,9 @@ def openweight(config: dict[str, Any], port: int, directory: Path, log: IO[bytes
 
 @contextlib.contextmanager
 def floor_proxy(port: int, upstream: str, log: IO[bytes], client: str = "minimal") -> Iterator[subprocess.Popen[bytes]]:
-    """:mod:`router.bench.floor` (the least a Python proxy on uvicorn can do) in front of ``upstream``;
+    """:mod:`bench.floor` (the least a Python proxy on uvicorn can do) in front of ``upstream``;
     ``client="aiohttp"``: the same with the router's HTTP client."""
-    argv = [sys.executable, "-m", "router.bench.floor", "--port", str(port), "--upstream", upstream,
+    argv = [sys.executable, "-m", "bench.floor", "--port", str(port), "--upstream", upstream,
             "--client", client]
     with service("floor proxy", argv, f"http://127.0.0.1:{port}/healthz", log) as process:
         yield process

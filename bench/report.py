@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from router.bench.harness import load_average
+from bench.harness import load_average
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -46,8 +46,8 @@ def machine() -> dict[str, Any]:
 def command() -> str:
     """How this benchmark was started, as a user would type it."""
     program = sys.argv[0]
-    if program.endswith(os.path.join("router", "cli.py")):
-        return shlex.join(["python", "-m", "router.cli", *sys.argv[1:]])
+    if program.endswith((os.path.join("openweight", "__main__.py"), os.path.join("openweight", "cli.py"))):
+        return shlex.join(["python", "-m", "openweight", *sys.argv[1:]])
     return shlex.join([os.path.basename(program), *sys.argv[1:]])
 
 
@@ -139,3 +139,14 @@ def figure(panels: int, title: str, width: float = 4.2, height: float = 3.4) -> 
     axes = [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
     fig.suptitle(title, fontsize=10)
     return fig, axes
+
+
+def log_axis(ax: Any, axis: str, **kwargs: Any) -> bool:
+    """A log scale on `axis` (``"x"`` or ``"y"``) when what is plotted has a positive value, else
+    linear: a short run may measure nothing (0 CPU ticks), and the chart must still draw. Returns
+    whether the scale is logarithmic."""
+    values = [v for line in ax.get_lines() for v in (line.get_xdata() if axis == "x" else line.get_ydata())]
+    if not any(v > 0 for v in values):
+        return False
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log", **kwargs)
+    return True

@@ -1,6 +1,6 @@
 """`openweight bench e2e`: the real local stack on CPU against vLLM's own OpenAI server.
 
-The load is vLLM's own benchmark client (``vllm.benchmarks.serve``, :mod:`router.bench.vllm_client`):
+The load is vLLM's own benchmark client (``vllm.benchmarks.serve``, :mod:`bench.vllm_client`):
 random prompts of ``--input-len`` tokens, exactly ``--max-tokens`` output tokens each
 (``ignore_eos``), ``--requests`` prompts per target and round at ``--concurrency``, streamed from
 ``/v1/completions``. It goes to:
@@ -32,11 +32,11 @@ from typing import Any
 
 import yaml
 
-from router.bench import report
-from router.bench.harness import cpu_seconds, free_port, workspace
-from router.bench.report import Column
-from router.bench.servers import openweight
-from router.bench.stack import (
+from bench import report
+from bench.harness import cpu_seconds, workspace
+from bench.report import Column
+from bench.servers import openweight
+from bench.stack import (
     MODEL,
     classic_stack,
     engine_processes,
@@ -47,7 +47,8 @@ from router.bench.stack import (
     vllm_server,
     write_config,
 )
-from router.bench.vllm_client import run_client
+from bench.vllm_client import run_client
+from router.net import free_port
 
 TARGETS = ("vllm", "direct", "router-direct", "classic", "router-classic")
 

@@ -1,6 +1,6 @@
 """The least a Python proxy on uvicorn can do: the ``floor`` targets of ``openweight bench overhead``.
 
-``python -m router.bench.floor --port P --upstream http://127.0.0.1:U`` serves a pure ASGI app on
+``python -m bench.floor --port P --upstream http://127.0.0.1:U`` serves a pure ASGI app on
 uvicorn (uvloop, httptools, no access log, like the router) that passes each request to the
 upstream over a pool of kept-alive connections with a minimal HTTP/1.1 client (an asyncio protocol
 and httptools' response parser) and relays the answer chunk by chunk. It has no routing, no
@@ -18,15 +18,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import cast
 from urllib.parse import urlsplit
 
 import aiohttp
 import httptools
 import uvicorn
 
-Message = dict[str, Any]
+from router.asgi import Message, Receive, Scope, Send
 
 
 class _Connection(asyncio.Protocol):
@@ -84,8 +83,7 @@ class FloorProxy:
         self.prefix = f"Host: {self.host}:{self.port}\r\ncontent-type: application/json\r\n".encode()
         self.idle: list[_Connection] = []
 
-    async def __call__(self, scope: Message, receive: Callable[[], Awaitable[Message]],
-                       send: Callable[[Message], Awaitable[None]]) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
                 while (await receive())["type"] != "lifespan.shutdown":
@@ -104,7 +102,7 @@ class FloorProxy:
                 break
         await self._exchange(scope, body, send)
 
-    async def _exchange(self, scope: Message, body: bytes, send: Callable[[Message], Awaitable[None]]) -> None:
+    async def _exchange(self, scope: Scope, body: bytes, send: Send) -> None:
         connection = await self._connection()
         head = f"{scope['method']} {scope['path']} HTTP/1.1\r\ncontent-length: {len(body)}\r\n".encode()
         assert connection.transport is not None
@@ -137,7 +135,7 @@ class AiohttpFloorProxy(FloorProxy):
         self.base = upstream.rstrip("/")
         self.session: aiohttp.ClientSession | None = None
 
-    async def _exchange(self, scope: Message, body: bytes, send: Callable[[Message], Awaitable[None]]) -> None:
+    async def _exchange(self, scope: Scope, body: bytes, send: Send) -> None:
         if self.session is None:
             self.session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=100, limit_per_host=0, keepalive_timeout=30),
@@ -156,7 +154,7 @@ class AiohttpFloorProxy(FloorProxy):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m router.bench.floor", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="base URL of the upstream, e.g. http://127.0.0.1:9000")
     parser.add_argument("--client", choices=("minimal", "aiohttp"), default="minimal",
