@@ -111,7 +111,7 @@ def _probe(url: str) -> str:
 def _status(args: argparse.Namespace) -> int:
     address = os.environ.get("RAY_ADDRESS")
     if args.config:
-        from router.settings import load_settings
+        from router.config_file import load_settings
 
         settings = load_settings(args.config)
         bases = (settings.cluster_base_url(settings.cluster_model_id(name)) for name in settings.models)

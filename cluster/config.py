@@ -33,8 +33,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from cluster.engine_args import RESERVED, engine_arg_names
 from cluster.errors import ClusterConfigError, ModelError
 from cluster.model import BUILTIN_PREFIX, builtin_model
-from router.settings import ConfigError, Settings, Strict, load_settings
-from router.settings import problems as config_problems
+from router.config_file import load_settings
+from router.config_file import problems as config_problems
+from router.settings import ConfigError, Settings, Strict
 
 BUILTIN_CPU_ENGINE_DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
@@ -270,7 +271,7 @@ def serve_specs(settings: Settings) -> dict[str, ServeSpec]:
 
 
 def load_cluster_config(path: str | os.PathLike[str] | None = None) -> tuple[Settings, dict[str, ServeSpec]]:
-    """Read the config file (``router.settings.load_settings``) and validate every ``serve`` block.
+    """Read the config file (``router.config_file.load_settings``) and validate every ``serve`` block.
 
     Every problem is a :class:`ClusterConfigError`, those of the router's part of the file included.
     """

@@ -17,7 +17,7 @@ from types import FrameType
 
 from cluster.progress import Progress
 from cluster.stack import LocalStack
-from router.settings import config_path
+from router.config_file import config_path
 
 
 class _Stop(Exception):

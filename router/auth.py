@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from router.config_file import error_message
 from router.errors import AuthenticationFailed, PermissionDenied, RateLimited
-from router.settings import ApiKey, AuthConfig, ConfigError, RateLimit, Settings, error_message
+from router.settings import ApiKey, AuthConfig, ConfigError, RateLimit, Settings
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 
 from router.auth import KeyStore, client_keys
-from router.settings import ConfigError, Settings, load_settings
+from router.config_file import load_settings
+from router.settings import ConfigError, Settings
 
 log = logging.getLogger("openweight.router")
 

@@ -16,14 +16,12 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from router.cluster_routes import DataPath, model_base_url, slug_conflicts, url_prefix
@@ -391,56 +389,6 @@ def _redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"<redacted>@{parts.hostname}" + (f":{parts.port}" if parts.port else "")))
 
 
-def error_message(item: Mapping[str, Any]) -> str:
-    """The message of one pydantic error, without the ``Value error,`` put before a validator's own."""
-    return str(item["msg"]).removeprefix("Value error, ")
-
-
-def problems(error: ValidationError, prefix: str = "") -> list[str]:
-    """One line per problem, each starting with its key (under ``prefix``): what ConfigError says."""
-    lines = []
-    for item in error.errors():
-        key = ".".join([part for part in (prefix, *map(str, item["loc"])) if part])
-        message = error_message(item)
-        if key:
-            lines.append(f"{key}: {message}")
-        else:  # whole-file checks: each line already names its key
-            lines.extend(message.splitlines())
-    return lines
-
-
 def header_safe(value: str) -> bool:
     """Whether an HTTP header can carry ``value`` as it is (printable ASCII)."""
     return value.isascii() and value.isprintable()
-
-
-def config_path(path: str | os.PathLike[str] | None) -> Path:
-    """The config file to read: the argument, else ``OPENWEIGHT_CONFIG``."""
-    chosen = path or os.environ.get("OPENWEIGHT_CONFIG")
-    if not chosen:
-        raise ConfigError("no config file: pass --config FILE or set OPENWEIGHT_CONFIG")
-    return Path(chosen)
-
-
-def read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
-    """The raw mapping in the YAML file (before validation)."""
-    file = config_path(path)
-    try:
-        raw = yaml.safe_load(file.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{file}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{file}: the top level must be a mapping")
-    return raw
-
-
-def load_settings(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Settings:
-    """Read, validate and return the config; raise :class:`ConfigError` naming each bad key."""
-    raw = read_config_file(path)
-    raw.update(overrides)
-    try:
-        return Settings(**raw)
-    except ValidationError as exc:
-        raise ConfigError("\n".join(problems(exc))) from None

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from router.auth import Principal, RateLimiter
+from router.config_file import load_settings
 from router.dispatch import outcome_of, retry_after_s
 from router.errors import InvalidRequest, RateLimited
 from router.health import Breaker, CircuitState, HealthSnapshot, UpstreamHealth
@@ -20,7 +21,7 @@ from router.outcomes import Outcome
 from router.policy import Skip, Target, plan
 from router.relay import SseTracker
 from router.schemas import Endpoint, _scan_object, parse_request, usage_of
-from router.settings import CircuitConfig, ConfigError, RateLimit, Settings, load_settings
+from router.settings import CircuitConfig, ConfigError, RateLimit, Settings
 from router.upstreams.credentials import Credentials, media_type
 
 EXAMPLE = Path(__file__).parent.parent / "deploy" / "examples" / "minimal.yaml"

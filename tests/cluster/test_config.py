@@ -19,7 +19,8 @@ from cluster.config import (
     parse_serve_specs,
 )
 from cluster.engine_args import engine_arg_names
-from router.settings import ConfigError, load_settings
+from router.config_file import load_settings
+from router.settings import ConfigError
 from tests.cluster.support import HAS_VLLM, quiet_vllm_import
 
 ROOT = Path(__file__).resolve().parents[2]

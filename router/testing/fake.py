@@ -1,25 +1,11 @@
-"""A scripted fake OpenAI-compatible server, for tests and the benchmark.
-
-It stands in for external providers and, in router tests, for the cluster: a pure ASGI app served
-by uvicorn on 127.0.0.1, in a background thread with its own event loop::
-
-    with FakeUpstream("cluster") as fake:
-        fake.script(Behavior(status=503, headers={"retry-after": "1"}), Behavior(cut_after=2))
-        ...  # the first inference request gets a 503, the second a stream cut after two chunks
-        assert fake.requests[0].body["model"] == "m"
-
-Every answer looks like OpenAI's, streams included (one ASGI body message per SSE event, so
-delivery is incremental). ``python -m router.testing --port N`` runs it in the foreground.
-"""
+"""The scripted fake upstream itself; see :mod:`router.testing`."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import json
 import logging
-import signal
 import threading
 import time
 from collections.abc import Awaitable, Mapping, Sequence
@@ -386,30 +372,3 @@ class FakeUpstream:
 def _usage(completion_tokens: int) -> dict[str, int]:
     return {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": completion_tokens,
             "total_tokens": PROMPT_TOKENS + completion_tokens}
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Serve a fake upstream in the foreground until SIGTERM or Ctrl-C; print its URL first."""
-    parser = argparse.ArgumentParser(prog="python -m router.testing", description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free port)")
-    parser.add_argument("--chunks", type=int, default=5, help="content chunks per answer")
-    parser.add_argument("--chunk-delay-s", type=float, default=0.0, help="seconds before each chunk")
-    parser.add_argument("--model", action="append", help="model id listed by /v1/models (repeatable)")
-    parser.add_argument("--status", type=int, default=200,
-                        help="answer every request (the model list too) with this status and an OpenAI error")
-    parser.add_argument("--hang", action="store_true",
-                        help="accept connections but never answer (inference and the model list)")
-    args = parser.parse_args(argv)
-    default = Behavior(status=args.status, chunks=args.chunks, chunk_delay_s=args.chunk_delay_s, hang=args.hang)
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
-    with FakeUpstream("fake", default=default, port=args.port, models=args.model or ("fake-model",)) as fake:
-        fake.models_status = args.status
-        fake.models_hang = args.hang
-        print(fake.url, flush=True)
-        done.wait()
-
-
-if __name__ == "__main__":
-    main()
