@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _direct_base(path: Any) -> str:
-    from router.settings import load_settings
+    from router.config_file import load_settings
 
     return load_settings(path).cluster_base_url(MODEL)
 

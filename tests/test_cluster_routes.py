@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from router.cluster_routes import DataPath, model_base_url, route_prefix, slug, slug_conflicts
-from router.settings import ConfigError, Settings, load_settings
+from router.config_file import load_settings
+from router.settings import ConfigError, Settings
 from tests.support import RouterServer, chat, make_settings
 
 ODD_ID = "Org/Model.2 beta%2e%2e"
