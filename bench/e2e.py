@@ -1,55 +1,61 @@
 """`openweight bench e2e`: the real local stack on CPU against vLLM's own OpenAI server.
 
-The same streaming load (``--concurrency`` clients, ``--requests`` chat requests each round, every
-answer exactly ``--max-tokens`` tokens: ``ignore_eos``, temperature 0) goes to:
+The load is vLLM's own benchmark client (``vllm.benchmarks.serve``, :mod:`bench.vllm_client`):
+random prompts of ``--input-len`` tokens, exactly ``--max-tokens`` output tokens each
+(``ignore_eos``), ``--requests`` prompts per target and round at ``--concurrency``, streamed from
+``/v1/completions``. It goes to:
 
 - ``vllm``: ``python -m vllm.entrypoints.openai.api_server`` with the model folder, engine arguments
   and environment the Serve replica gets;
-- ``serve``: the Ray Serve OpenAI ingress of the local stack (``cluster.stack.LocalStack``), which
-  answers HTTP itself (Serve's direct ingress);
-- ``proxy``: the same ingress behind Serve's proxy process, as on Kubernetes (shown when the stack
-  runs direct ingress);
-- ``router``: openweight in front of that same stack (router -> Ray Serve -> vLLM).
+- ``direct``: the local stack on the direct data path (``cluster.stack.LocalStack``, in this
+  process): Serve's HAProxy -> the model's replica, serving vLLM's own app (direct streaming);
+- ``classic``: the same stack on the classic data path (``openweight cluster up``, a process of its
+  own): Serve's proxy -> the OpenAI ingress replica -> the LLM replica;
+- ``router-direct`` / ``router-classic``: openweight in front of each.
 
 All are up at once (an idle engine costs no CPU) and take turns in each round, each round
-starting with the next one, so that they share the machine's conditions. Reported per run: output tokens/s (from each
-answer's ``usage``), time to first token, request latency, errors, the router's CPU per request,
-and where each target's CPU went per output token: its *serving* processes (every process a token
-crosses between the engine and the client: vLLM's API server; Serve's LLM replica and ingress
-replica, plus its proxy or the router) and its engine (vLLM's engine core and model runner); then
-the ratio of each stack path to vLLM's own server. Engine start-up takes minutes on CPU.
+starting with the next one, so that they share the machine's conditions. Reported per run: output
+tokens/s and time to first token (vLLM's client's figures), failed requests, the router's CPU per
+request, and where each target's CPU went per output token: its *serving* processes (every
+process a token crosses between the engine and the client: vLLM's API server; Serve's replicas,
+HAProxy or Serve's proxy, and the router) and its engine (vLLM's engine core and model runner);
+then the ratio of each path to vLLM's own server. Engine start-up takes minutes on CPU; the three
+engines and two Rays need about 17 GB of memory.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
+import contextlib
 import statistics
 from typing import Any
 
 import yaml
 
 from bench import report
-from bench.harness import percentile, run_load, workspace
+from bench.harness import cpu_seconds, workspace
 from bench.report import Column
 from bench.servers import openweight
 from bench.stack import (
     MODEL,
+    classic_stack,
     engine_processes,
+    engine_setup,
     local_stack,
     serve_processes,
     stack_config,
     vllm_server,
     write_config,
 )
+from bench.vllm_client import run_client
+from router.net import free_port
 
-PROMPT = "Write a short story about a robot who learns to paint."
+TARGETS = ("vllm", "direct", "router-direct", "classic", "router-classic")
 
 COLUMNS = [
-    Column("target", "target", 7), Column("round", "round", 5), Column("requests", "requests", 8),
+    Column("target", "target", 14), Column("round", "round", 5), Column("requests", "requests", 8),
     Column("tokens", "tokens", 7), Column("tokens_per_s", "tok/s", 8, 1), Column("ttft_p50_ms", "TTFT p50", 9, 0),
-    Column("ttft_p99_ms", "TTFT p99", 9, 0), Column("latency_p50_s", "lat p50 s", 9), Column("errors", "errors", 6),
+    Column("ttft_p99_ms", "TTFT p99", 9, 0), Column("tpot_p50_ms", "TPOT p50", 9, 1), Column("errors", "errors", 6),
     Column("router_cpu_ms_per_request", "router ms/req", 13, 2),
     Column("serving_cpu_ms_per_token", "serving ms/tok", 14, 2),
     Column("engine_cpu_ms_per_token", "engine ms/tok", 13, 1),
@@ -58,12 +64,15 @@ COLUMNS = [
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=8, help="concurrent streaming clients")
-    parser.add_argument("--requests", type=int, default=32, help="requests per target and round")
+    parser.add_argument("--requests", type=int, default=32, help="prompts per target and round")
+    parser.add_argument("--input-len", type=int, default=64, help="prompt tokens per request (random)")
     parser.add_argument("--max-tokens", type=int, default=64, help="output tokens per answer")
     parser.add_argument("--rounds", type=int, default=3, help="rounds (the targets take turns in each)")
+    parser.add_argument("--no-classic", dest="classic", action="store_false",
+                        help="leave out the classic data path (its Ray and engine need about 6.5 GB)")
     parser.add_argument("--engine-arg", dest="engine_args", type=engine_arg, action="append", default=[],
-                        metavar="KEY=VALUE", help="a vLLM engine argument for both engines, vLLM's own server and the "
-                        "stack's replica (repeatable; the value is read as YAML), e.g. stream_interval=4")
+                        metavar="KEY=VALUE", help="a vLLM engine argument for every engine, vLLM's own server and the "
+                        "stacks' replicas (repeatable; the value is read as YAML), e.g. stream_interval=4")
 
 
 def engine_arg(text: str) -> tuple[str, Any]:
@@ -77,81 +86,95 @@ def engine_arg(text: str) -> tuple[str, Any]:
         raise argparse.ArgumentTypeError(f"{key}: the value is not valid YAML ({exc})") from None
 
 
-def request_body(max_tokens: int) -> bytes:
-    return json.dumps({
-        "model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
-        "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-    }).encode()
+Processes = dict[str, tuple[list[int], list[int]]]
 
 
-def processes(vllm_pid: int, router_pid: int) -> dict[str, tuple[list[int], list[int]]]:
+def processes(vllm_pid: int, classic_pid: int | None, routers: dict[str, int]) -> Processes:
     """Per target: (its serving processes, its engine processes), looked up now (replicas may restart)."""
     vllm_engine = engine_processes(vllm_pid)
-    stack_engine = [pid for pid in engine_processes() if pid not in vllm_engine]
-    serve = serve_processes()
-    replicas = serve["llm_server"] + serve["ingress"]
+    classic_engine = engine_processes(classic_pid) if classic_pid else []
+    direct_engine = [pid for pid in engine_processes() if pid not in vllm_engine + classic_engine]
+    classic = serve_processes(classic_pid) if classic_pid else {}
+    ours = serve_processes()
+    direct = [pid for role in ("llm_server", "llm_router", "haproxy") for pid in ours[role]
+              if pid not in classic.get(role, [])]
+    classic_serving = [pid for role in ("llm_server", "ingress", "proxy") for pid in classic.get(role, [])]
     return {
         "vllm": ([vllm_pid], vllm_engine),
-        "serve": (replicas, stack_engine),
-        "proxy": (serve["proxy"] + replicas, stack_engine),
-        "router": ([router_pid, *replicas], stack_engine),
+        "direct": (direct, direct_engine),
+        "router-direct": ([routers["router-direct"], *direct], direct_engine),
+        "classic": (classic_serving, classic_engine),
+        "router-classic": ([routers.get("router-classic", 0), *classic_serving], classic_engine),
     }
 
 
-def _measure(target: str, round_: int, url: str, args: argparse.Namespace, serving: list[int], engine: list[int],
-             router_pid: int | None) -> dict[str, Any]:
-    watch = {f"serving {pid}": pid for pid in serving} | {f"engine {pid}": pid for pid in engine}
-    if router_pid:
-        watch["router"] = router_pid
-    load = asyncio.run(run_load(f"{url}/chat/completions", request_body(args.max_tokens), concurrency=args.concurrency,
-                                requests=args.requests, watch=watch, tree=False, warmup=1, timeout_s=600))
-    ok = [r for r in load.results if r.ok]
-    ttfts = sorted(r.ttft_s or 0.0 for r in ok)
-    tokens = sum(r.completion_tokens or 0 for r in ok)
+def _measure(target: str, round_: int, url: str, args: argparse.Namespace, tokenizer: str, serving: list[int],
+             engine: list[int], router_pid: int | None, log: Any) -> dict[str, Any]:
+    watch = {"serving": [p for p in serving if p], "engine": engine, "router": [router_pid] if router_pid else []}
+    before = {kind: sum(cpu_seconds(pid) for pid in pids) for kind, pids in watch.items()}
+    result = run_client(url.removesuffix("/v1"), MODEL, tokenizer, log, input_len=args.input_len,
+                        output_len=args.max_tokens, prompts=args.requests, concurrency=args.concurrency)
+    used = {kind: sum(cpu_seconds(pid) for pid in pids) - before[kind] for kind, pids in watch.items()}
+    tokens = int(result["total_output_tokens"])
     row: dict[str, Any] = {
-        "target": target, "round": round_, "requests": len(load.results), "errors": len(load.results) - len(ok),
-        "seconds": round(load.seconds, 2), "tokens": tokens, "tokens_per_s": round(tokens / load.seconds, 1),
-        "ttft_p50_ms": round(percentile(ttfts, 0.5) * 1000, 1), "ttft_p99_ms": round(percentile(ttfts, 0.99) * 1000, 1),
-        "latency_p50_s": round(percentile(sorted(r.seconds for r in ok), 0.5), 2),
+        "target": target, "round": round_, "requests": args.requests, "errors": int(result["failed"]),
+        "seconds": round(result["duration"], 2), "tokens": tokens,
+        "tokens_per_s": round(result["output_throughput"], 1),
+        "ttft_p50_ms": round(result["median_ttft_ms"], 1), "ttft_p99_ms": round(result["p99_ttft_ms"], 1),
+        "tpot_p50_ms": round(result["median_tpot_ms"], 1),
     }
     if router_pid:
-        row["router_cpu_ms_per_request"] = round(load.cpu_s["router"] * 1000 / args.requests, 2)
+        row["router_cpu_ms_per_request"] = round(used["router"] * 1000 / args.requests, 2)
     if tokens:
-        for kind in ("serving", "engine"):
-            cpu_s = sum(seconds for name, seconds in load.cpu_s.items() if name.startswith(kind + " "))
-            row[f"{kind}_cpu_ms_per_token"] = round(cpu_s * 1000 / tokens, 3)
+        row["serving_cpu_ms_per_token"] = round((used["serving"] + used["router"]) * 1000 / tokens, 3)
+        row["engine_cpu_ms_per_token"] = round(used["engine"] * 1000 / tokens, 3)
     print(report.table([row], COLUMNS), flush=True)
     return row
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """vLLM's own server, the stack and the router, in turns; prints, writes JSON and the chart."""
+    """vLLM's own server, both data paths and the router in front of each, in turns; prints, writes
+    JSON and the chart."""
     engine_args = dict(args.engine_args)
-    settings = {"concurrency": args.concurrency, "requests": args.requests, "max_tokens": args.max_tokens,
-                "rounds": args.rounds, "prompt": PROMPT, "model": MODEL, "engine_args": engine_args}
+    settings = {"concurrency": args.concurrency, "requests": args.requests, "input_len": args.input_len,
+                "max_tokens": args.max_tokens, "rounds": args.rounds, "model": MODEL, "engine_args": engine_args,
+                "client": "vllm.benchmarks.serve (random dataset, /v1/completions, ignore_eos)"}
     result = report.new_report("e2e", settings)
-    with workspace() as (tmp, log):
+    with workspace() as (tmp, log), contextlib.ExitStack() as running:
         config = stack_config(serve={"engine_args": engine_args} if engine_args else None)
         path = write_config(config, tmp)
-        # Both engines run at once (an idle one costs no CPU) so that each round measures every target
+        tokenizer = engine_setup(path)[1]
+        # Every engine runs at once (an idle one costs no CPU) so that each round measures every target
         # back to back, under the same conditions on a shared machine.
-        with vllm_server(path, log) as (vllm_url, vllm_pid), local_stack(path, log, direct_ingress=True) as stack, \
-                openweight(config, config["router"]["port"], tmp, log) as router:
-            router_url = f"http://127.0.0.1:{config['router']['port']}/v1"
-            targets = [("vllm", vllm_url), ("router", router_url), ("serve", config["cluster"]["url"])]
-            if stack.proxy_url != config["cluster"]["url"]:
-                targets.append(("proxy", stack.proxy_url))
-            for round_ in range(1, args.rounds + 1):
-                shift = (round_ - 1) % len(targets)
-                for target, url in targets[shift:] + targets[:shift]:
-                    serving, engine = processes(vllm_pid, router.pid)[target]
-                    result["rows"].append(_measure(target, round_, url, args, serving, engine,
-                                                   router.pid if target == "router" else None))
+        vllm_url, vllm_pid = running.enter_context(vllm_server(path, log))
+        classic_pid = running.enter_context(classic_stack(config, tmp, log)) if args.classic else None
+        running.enter_context(local_stack(path, log))
+        routers = {"router-direct": running.enter_context(openweight(config, config["router"]["port"], tmp, log)).pid}
+        targets = [("vllm", vllm_url), ("direct", _direct_base(path)),
+                   ("router-direct", f"http://127.0.0.1:{config['router']['port']}/v1")]
+        if classic_pid:
+            classic = yaml.safe_load((tmp / "classic.yaml").read_text())
+            port = free_port()
+            router = running.enter_context(openweight(classic, port, tmp, log))
+            routers["router-classic"] = router.pid
+            targets += [("classic", classic["cluster"]["url"]), ("router-classic", f"http://127.0.0.1:{port}/v1")]
+        for round_ in range(1, args.rounds + 1):
+            shift = (round_ - 1) % len(targets)
+            for target, url in targets[shift:] + targets[:shift]:
+                serving, engine = processes(vllm_pid, classic_pid, routers)[target]
+                router_pid = routers.get(target)
+                result["rows"].append(_measure(target, round_, url, args, tokenizer, serving, engine, router_pid, log))
     result["summary"] = summary(result["rows"])
     result["failed"] = any(row["errors"] for row in result["rows"])
     text = report.table(result["rows"], COLUMNS) + "\n\n" + "\n".join(result["summary"])
     report.finish(result, text, args.out, chart if args.chart else None)
     return result
+
+
+def _direct_base(path: Any) -> str:
+    from router.config_file import load_settings
+
+    return load_settings(path).cluster_base_url(MODEL)
 
 
 def _mean(rows: list[dict[str, Any]], target: str, key: str) -> float | None:
@@ -162,15 +185,15 @@ def _mean(rows: list[dict[str, Any]], target: str, key: str) -> float | None:
 def summary(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     base_tps, base_ttft = _mean(rows, "vllm", "tokens_per_s"), _mean(rows, "vllm", "ttft_p50_ms")
-    for target in ("serve", "proxy", "router"):
+    for target in TARGETS[1:]:
         tps, ttft = _mean(rows, target, "tokens_per_s"), _mean(rows, target, "ttft_p50_ms")
         if tps is None or not base_tps:
             continue
         line = f"{target}: {tps:.1f} tok/s = {tps / base_tps:.1%} of vLLM's own server ({base_tps:.1f} tok/s)"
         if ttft is not None and base_ttft:
-            line += f"; TTFT p50 {ttft:.0f} ms vs {base_ttft:.0f} ms"
+            line += f"; TTFT p50 {ttft:.0f} ms vs {base_ttft:.0f} ms ({ttft - base_ttft:+.0f} ms)"
         lines.append(line)
-    for target in ("vllm", "serve", "proxy", "router"):
+    for target in TARGETS:
         serving = _mean(rows, target, "serving_cpu_ms_per_token")
         engine = _mean(rows, target, "engine_cpu_ms_per_token")
         if serving is not None and engine is not None:
@@ -183,9 +206,11 @@ def chart(result: dict[str, Any]) -> Any:
     engine = "".join(f", {k}={v}" for k, v in result["settings"].get("engine_args", {}).items())
     fig, axes = report.figure(3, f"openweight bench e2e - {MODEL} on CPU ({result['date'][:10]}, "
                                  f"concurrency {result['settings']['concurrency']}{engine})", width=4.6)
-    targets = [t for t in ("vllm", "serve", "proxy", "router") if any(r["target"] == t for r in rows)]
-    names = {"vllm": "vLLM server", "serve": "Ray Serve", "proxy": "Serve\nvia proxy", "router": "router\n-> Serve"}
-    palette = {"vllm": "tab:gray", "serve": "tab:orange", "proxy": "tab:brown", "router": "tab:blue"}
+    targets = [t for t in TARGETS if any(r["target"] == t for r in rows)]
+    names = {"vllm": "vLLM server", "direct": "Serve\ndirect", "router-direct": "router\n-> direct",
+             "classic": "Serve\nclassic", "router-classic": "router\n-> classic"}
+    palette = {"vllm": "tab:gray", "direct": "tab:orange", "router-direct": "tab:blue", "classic": "tab:brown",
+               "router-classic": "tab:purple"}
     labels, colors = [names[t] for t in targets], [palette[t] for t in targets]
     panels = (("tokens_per_s", "output tokens/s", "%.0f"), ("ttft_p50_ms", "TTFT p50, ms", "%.0f"),
               ("serving_cpu_ms_per_token", "CPU ms per token outside the engine", "%.2f"))

@@ -39,7 +39,8 @@ def fake_upstream(port: int, log: IO[bytes], *, chunks: int = 100, chunk_delay_s
 def router_config(primary_url: str, fallback_url: str | None, *, cluster: dict[str, Any] | None = None,
                   provider: dict[str, Any] | None = None, router: dict[str, Any] | None = None) -> dict[str, Any]:
     """openweight's config: :data:`MODEL` on the cluster at ``primary_url``, then the fallback provider."""
-    config: dict[str, Any] = {"cluster": {"url": primary_url, **(cluster or {})},
+    # The primary serves the API at its URL itself, as the classic data path does.
+    config: dict[str, Any] = {"cluster": {"url": primary_url, "data_path": "classic", **(cluster or {})},
                               "models": {MODEL: {"policy": "self_hosted_first"}}}
     if fallback_url is not None:
         config["providers"] = {FALLBACK: {"url": fallback_url, **(provider or {})}}

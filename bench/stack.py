@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from typing import IO, Any
 
 import yaml
 
-from bench.harness import descendants, service
+from bench.harness import answers, descendants, service, stop_group
 from router.net import free_port
 
 MODEL = "smollm2-135m-instruct"
@@ -66,6 +67,30 @@ def local_stack(path: Path, log: IO[bytes], *, direct_ingress: bool = False) -> 
         yield stack
     finally:
         stack.stop()
+
+
+@contextlib.contextmanager
+def classic_stack(config: dict[str, Any], directory: Path, log: IO[bytes]) -> Iterator[int]:
+    """The same stack on the classic data path, as ``openweight cluster up`` runs it (a private Ray
+    in a process of its own: one Ray per driver process); yields that process's id. Start it before
+    an in-process stack, whose Serve settings would otherwise reach it through the environment."""
+    classic = {**config, "cluster": {**config["cluster"], "data_path": "classic",
+                                     "url": f"http://127.0.0.1:{free_port()}/v1"}}
+    classic.pop("router", None)
+    path = directory / "classic.yaml"
+    path.write_text(yaml.safe_dump(classic))
+    argv = [sys.executable, "-m", "openweight", "cluster", "up", "--config", str(path)]
+    ready = f"{classic['cluster']['url']}/models"
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 900
+        while not answers(ready):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the classic stack did not answer at {ready} (status {process.poll()})")
+            time.sleep(1)
+        yield process.pid
+    finally:
+        stop_group(process, grace_s=120)  # it stops its own Ray on SIGTERM, which takes tens of seconds
 
 
 def engine_setup(path: Path) -> tuple[str, str, dict[str, Any], dict[str, str]]:
@@ -126,8 +151,10 @@ def engine_processes(root: int | None = None) -> list[int]:
 def serve_processes(root: int | None = None) -> dict[str, list[int]]:
     """The Ray Serve processes below ``root`` (default: this process, which started the local Ray), by
     role: ``ingress`` (the OpenAI ingress replica), ``llm_server`` (the replica that runs vLLM's
-    front end: tokenizing, detokenizing, the OpenAI answers) and ``proxy`` (Serve's HTTP proxy)."""
-    roles: dict[str, list[int]] = {"ingress": [], "llm_server": [], "proxy": []}
+    front end: tokenizing, detokenizing, the OpenAI answers; on the direct path, vLLM's whole app),
+    ``proxy`` (Serve's HTTP proxy), and on the direct path ``haproxy`` and ``llm_router`` (the replica
+    HAProxy asks which LLM replica takes each request)."""
+    roles: dict[str, list[int]] = {"ingress": [], "llm_server": [], "proxy": [], "haproxy": [], "llm_router": []}
     for pid in descendants(root or os.getpid()):
         name = _cmdline(pid).split(" ", 1)[0]  # Ray names an actor's process after it
         if name.startswith("ray::ServeReplica:"):
@@ -135,8 +162,12 @@ def serve_processes(root: int | None = None) -> dict[str, list[int]]:
                 roles["ingress"].append(pid)
             elif "LLMServer" in name:
                 roles["llm_server"].append(pid)
+            elif "LLMRouter" in name:
+                roles["llm_router"].append(pid)
         elif name.startswith("ray::ProxyActor"):
             roles["proxy"].append(pid)
+        elif name.endswith("/haproxy"):
+            roles["haproxy"].append(pid)
     return roles
 
 

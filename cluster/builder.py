@@ -1,8 +1,18 @@
-"""From the config to the Ray Serve application (``ray.serve.llm``) and to KubeRay's serveConfigV2.
+"""From the config to the Ray Serve applications (``ray.serve.llm``) and to KubeRay's serveConfigV2.
 
-One application, ``openweight``, at route prefix ``/``: ``build_openai_app`` puts an OpenAI ingress
-(``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``, ...) in front of one
-``LLMServer`` deployment per hosted model, so the router's ``cluster.url`` is ``http://HOST:PORT/v1``.
+Two data paths (``cluster.data_path``, see :mod:`router.cluster_routes`):
+
+- ``direct`` (default): one application per model, named after the model's slug and routed at
+  ``<cluster.url prefix>/<slug>``. Ray Serve LLM's direct streaming
+  (``RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1``, set in each application's ``runtime_env``) makes
+  the model's ``LLMServer`` replica the application's ingress, serving vLLM's own OpenAI app, so a
+  token goes from the engine's front end straight to the client. Ray 2.60 allows exactly one LLM
+  config per such application and needs Serve's HAProxy mode (``RAY_SERVE_ENABLE_HA_PROXY=1`` in
+  the environment of every Ray process: the controller, the build task and the replicas), which
+  the local stack (:mod:`cluster.runtime`) and the chart set.
+- ``classic``: one application, ``openweight``, at route prefix ``/``: ``build_openai_app`` puts an
+  OpenAI ingress in front of one ``LLMServer`` deployment per hosted model, behind Serve's proxy,
+  and ``cluster.url`` is ``http://HOST:PORT/v1``.
 
 - :func:`llm_config` / :func:`llm_configs` are pure: config in, ``LLMConfig`` objects out (no Ray
   cluster needed; importing ``ray.serve.llm`` needs vLLM installed).
@@ -28,6 +38,7 @@ from cluster.config import Accelerator, ServeSpec, parse_serve_specs
 from cluster.errors import ClusterConfigError
 from cluster.model import resolve_source
 from cluster.placement import placement
+from router.cluster_routes import DataPath, route_prefix, slug
 from router.settings import Settings
 
 APP_NAME = "openweight"
@@ -36,6 +47,11 @@ IMPORT_PATH = "cluster.builder:app_from_args"
 BACKPRESSURE_STATUS = 429
 LOCAL_WEIGHTS_CALLBACK = "cluster.engine_hooks:LocalWeights"
 """Replica hook that skips Ray's per-node download when the weights are a local folder."""
+
+DIRECT_STREAMING = "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING"
+"""Ray Serve LLM's switch: the LLM replica is the ingress and serves vLLM's own app (read at import)."""
+HAPROXY = "RAY_SERVE_ENABLE_HA_PROXY"
+"""Serve's switch for HAProxy in place of its Python proxy (read at import by every Ray Serve process)."""
 
 Resolver = Callable[[str], str]
 
@@ -75,6 +91,8 @@ def llm_config_kwargs(model_id: str, spec: ServeSpec, *, model_source: str) -> d
     }
     if spec.accelerator is Accelerator.GPU and spec.accelerator_type:
         kwargs["accelerator_type"] = spec.accelerator_type
+    if spec.stream_batching_interval_ms is not None:
+        kwargs["experimental_configs"] = {"stream_batching_interval_ms": spec.stream_batching_interval_ms}
     return kwargs
 
 
@@ -108,13 +126,49 @@ def build_app(configs: list[Any]) -> Any:
 def app_from_args(args: dict[str, Any]) -> Any:
     """Serve application builder named by :data:`IMPORT_PATH` in the Serve config.
 
-    ``args`` is ``{"models": {cluster_model_id: serve_block}}`` as written by :func:`serve_config`.
+    ``args`` is ``{"models": {cluster_model_id: serve_block}}`` as written by :func:`serve_config`,
+    with ``"data_path": "direct"`` for an application of the direct path (exactly one model).
     """
     models = args.get("models")
     if not isinstance(models, Mapping) or not models:
         raise ClusterConfigError("args.models: a mapping of model id to `serve` block is required")
+    try:
+        data_path = DataPath(args.get("data_path", DataPath.CLASSIC))
+    except ValueError:
+        raise ClusterConfigError(f"args.data_path: {args.get('data_path')!r} is neither direct nor classic") from None
+    if data_path is DataPath.DIRECT:
+        check_direct_streaming(len(models))
     specs = parse_serve_specs(models)
     return build_app(llm_configs(specs))
+
+
+def check_direct_streaming(models: int) -> None:
+    """Raise :class:`ConfigError` unless this process builds direct-streaming applications of one model."""
+    from ray.llm._internal.serve.constants import RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING
+
+    if models != 1:
+        raise ClusterConfigError(f"args.models: a direct-path application hosts exactly one model, got {models}")
+    if not RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING:
+        raise ClusterConfigError(f"runtime_env.env_vars.{DIRECT_STREAMING}: must be 1 for a direct-path application")
+
+
+def applications(settings: Settings, specs: Mapping[str, ServeSpec]) -> list[dict[str, Any]]:
+    """The Serve applications of the configured data path (``serve deploy`` format)."""
+    by_id = cluster_specs(settings, specs)
+    blocks = {model_id: spec.model_dump(mode="json", exclude_defaults=True) for model_id, spec in by_id.items()}
+    if settings.cluster.data_path is DataPath.CLASSIC:
+        return [{"name": APP_NAME, "route_prefix": ROUTE_PREFIX, "import_path": IMPORT_PATH,
+                 "args": {"models": blocks}}]
+    return [
+        {
+            "name": slug(model_id),
+            "route_prefix": route_prefix(settings.cluster.url, model_id),
+            "import_path": IMPORT_PATH,
+            "args": {"models": {model_id: block}, "data_path": DataPath.DIRECT.value},
+            "runtime_env": {"env_vars": {DIRECT_STREAMING: "1"}},
+        }
+        for model_id, block in sorted(blocks.items())  # by id, as the chart writes them
+    ]
 
 
 def serve_config(
@@ -122,20 +176,13 @@ def serve_config(
 ) -> dict[str, Any]:
     """The Ray Serve config (``serve deploy`` format) that KubeRay embeds as ``serveConfigV2``.
 
-    The HTTP port defaults to the port of ``cluster.url`` (8000 when it has none).
+    The HTTP port defaults to the port of ``cluster.url`` (8000 when it has none). On the direct
+    path the cluster's Ray processes need ``RAY_SERVE_ENABLE_HA_PROXY=1`` (:data:`HAPROXY`) in their
+    environment: a Serve config cannot set it.
     """
-    by_id = cluster_specs(settings, specs)
     port = http_port if http_port is not None else urlsplit(settings.cluster.url).port or 8000
-    blocks = {model_id: spec.model_dump(mode="json", exclude_defaults=True) for model_id, spec in by_id.items()}
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": http_host, "port": port},
-        "applications": [
-            {
-                "name": APP_NAME,
-                "route_prefix": ROUTE_PREFIX,
-                "import_path": IMPORT_PATH,
-                "args": {"models": blocks},
-            }
-        ],
+        "applications": applications(settings, specs),
     }

@@ -81,7 +81,8 @@ def _up_remote(args: argparse.Namespace, address: str) -> int:
     connect(address)
     http = config["http_options"]
     start_serve(host=http["host"], port=http["port"])
-    print(f"deploying {', '.join(config['applications'][0]['args']['models'])} to {address}")
+    models = [model for app in config["applications"] for model in app["args"]["models"]]
+    print(f"deploying {', '.join(models)} to {address} ({settings.cluster.data_path.value} data path)")
     deploy_config(config, timeout_s=args.timeout)
     print(f"deployed; Serve HTTP on port {http['port']} of every node")
     return 0
@@ -112,7 +113,10 @@ def _status(args: argparse.Namespace) -> int:
     if args.config:
         from router.config_file import load_settings
 
-        print(_probe(load_settings(args.config).cluster.url))
+        settings = load_settings(args.config)
+        bases = (settings.cluster_base_url(settings.cluster_model_id(name)) for name in settings.models)
+        for base in dict.fromkeys(bases):  # on the direct path, one line per model (its route)
+            print(_probe(base))
     if not address:
         if not args.config:
             raise ClusterConfigError("set RAY_ADDRESS (or pass --config to probe cluster.url)")
@@ -140,8 +144,9 @@ def register(subparsers: Any) -> None:
     run.add_argument("--config", help="config file (default: $OPENWEIGHT_CONFIG)")
     run.add_argument(
         "--direct-ingress", action="store_true",
-        help="serve cluster.url from the OpenAI ingress replica itself, not Serve's proxy: one process hop "
-        "less per token, but a crashed ingress replica cannot come back (its port stays blocked)",
+        help="classic data path only: serve cluster.url from the OpenAI ingress replica itself, not Serve's "
+        "proxy: one process hop less per token, but a crashed ingress replica cannot come back (its port stays "
+        "blocked)",
     )
     run.set_defaults(func=_run)
 

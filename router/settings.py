@@ -24,6 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from router.cluster_routes import DataPath, model_base_url, slug_conflicts, url_prefix
 from router.config_model import Strict
 from router.spend_config import (
     Budget,
@@ -134,6 +135,21 @@ class ClusterConfig(UpstreamConfig):
         None, ge=1, description="In-flight requests above which `spillover` models go to providers."
     )
     enabled: bool = Field(True, description="False when no self-hosted cluster exists (providers only).")
+    data_path: DataPath = Field(
+        DataPath.DIRECT,
+        description="`direct`: one Serve application per model, vLLM's own OpenAI app in each replica behind "
+        "Serve's HAProxy, each model at `<url without /v1>/<model slug>/v1` (router/cluster_routes.py); "
+        "`classic`: one application, Serve's proxy and Ray Serve LLM's OpenAI ingress, every model at `url`.",
+    )
+
+    @model_validator(mode="after")
+    def _direct_url(self) -> Self:
+        if self.data_path is DataPath.DIRECT:
+            try:
+                url_prefix(self.url)
+            except ValueError as exc:
+                raise ValueError(f"url: {exc}") from None
+        return self
 
 
 class ProviderConfig(UpstreamConfig):
@@ -331,6 +347,9 @@ class Settings(BaseSettings):
                     f"models.{name}.serve: {model.policy.value} sends it to the cluster, which this file "
                     f"deploys without it (only {', '.join(hosted)} have serve:); add serve: or use provider_only"
                 )
+        if self.cluster.enabled and self.cluster.data_path is DataPath.DIRECT:
+            routed = [self.cluster_model_id(n) for n, m in self.models.items() if m.policy is not Policy.PROVIDER_ONLY]
+            problems.extend(f"models: {line}" for line in slug_conflicts(routed))
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -349,6 +368,10 @@ class Settings(BaseSettings):
 
     def cluster_model_id(self, public_name: str) -> str:
         return self.models[public_name].cluster_model or public_name
+
+    def cluster_base_url(self, model_id: str) -> str:
+        """The base URL (with /v1) at which the cluster serves ``model_id`` (its route on the direct path)."""
+        return model_base_url(self.cluster.url, model_id, self.cluster.data_path)
 
     def redacted(self) -> dict[str, Any]:
         """The resolved config as plain data, with no secret in it (for `check-config`)."""

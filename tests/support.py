@@ -75,7 +75,7 @@ def make_settings(cluster: FakeUpstream | str | None, providers: dict[str, FakeU
         router={"retry": {"backoff_initial_s": 0.01, "backoff_max_s": 0.05}, "probe_interval_s": 3600, **router},
         cluster={"url": url(cluster) if cluster is not None else "http://127.0.0.1:9/v1",
                  "enabled": cluster is not None, "circuit": fast_circuit, "probe": False,
-                 "first_byte_timeout_s": 2, **cluster_extra},
+                 "first_byte_timeout_s": 2, "data_path": "classic", **cluster_extra},
         providers={name: {"url": url(p), "circuit": fast_circuit, "probe": False, "first_byte_timeout_s": 2}
                    for name, p in providers.items()},
         models={MODEL: {"fallbacks": [{"provider": n, "model": f"{n}-model"} for n in providers], **model}},

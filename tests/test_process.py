@@ -30,7 +30,7 @@ SECRET = "sk-live-0123456789abcdef-never-leak"
 def write_config(path: Path, cluster: str, provider: str, **router: object) -> Path:
     path.write_text(yaml.safe_dump({
         "router": {"probe_interval_s": 0.2, "shutdown_grace_s": 10, **router},
-        "cluster": {"url": cluster, "circuit": {"failure_threshold": 2, "reset_timeout_s": 60}},
+        "cluster": {"url": cluster, "data_path": "classic", "circuit": {"failure_threshold": 2, "reset_timeout_s": 60}},
         "providers": {"prov": {"url": provider, "api_key_env": "PROV_TEST_KEY"}},
         "models": {MODEL: {"fallbacks": [{"provider": "prov", "model": "prov-m1"}]}},
     }))

@@ -130,8 +130,11 @@ class FakeUpstream:
         default: Behavior = Behavior(),
         port: int = 0,
         models: Sequence[str] = ("fake-model",),
+        prefixes: Sequence[str] = ("",),
     ) -> None:
         self.name = name
+        self.prefixes = tuple(prefixes)
+        """Path prefixes the API is served under (``/m1``: ``/m1/v1/...``, as the cluster's direct path)."""
         self.default = default
         self.models = list(models)
         self.models_status = 200
@@ -204,7 +207,8 @@ class FakeUpstream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        path, method = scope["path"], scope["method"]
+        method = scope["method"]
+        path = next((scope["path"][len(p):] for p in self.prefixes if scope["path"].startswith(p + "/v1/")), "")
         if path == "/v1/models" and method == "GET":
             self.probes += 1
             if self.models_hang:
@@ -219,7 +223,7 @@ class FakeUpstream:
         kind = _ENDPOINTS.get(path)
         if kind is None or method != "POST":
             status = 404 if kind is None else 405
-            await _send_body(send, status, _error(status, f"{method} {path} is not served here"))
+            await _send_body(send, status, _error(status, f"{method} {scope['path']} is not served here"))
             return
         await self._inference(kind, scope, receive, send)
 

@@ -21,6 +21,8 @@ class UpstreamRequest:
     request_id: str
     headers: dict[str, str] = field(default_factory=dict)
     stream: bool = False
+    model: str = ""
+    """The model id the body names (the cluster's direct path picks the model's base URL by it)."""
 
 
 class UpstreamResponse(Protocol):

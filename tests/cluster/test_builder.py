@@ -128,8 +128,10 @@ def test_replica_hook_is_importable_as_ray_loads_it() -> None:
 REMOTE = {"policy": "provider_only", "fallbacks": [{"provider": "p", "model": "remote-model"}]}
 
 
-def settings_for(models: dict[str, Any], cluster_url: str = "http://ray-head:8000/v1") -> Settings:
-    return Settings(cluster={"url": cluster_url}, providers={"p": {"url": "https://p.example/v1"}}, models=models)
+def settings_for(models: dict[str, Any], cluster_url: str = "http://ray-head:8000/v1",
+                 data_path: str = "classic") -> Settings:
+    return Settings(cluster={"url": cluster_url, "data_path": data_path}, providers={"p": {"url": "https://p.example/v1"}},
+                    models=models)
 
 
 def test_serve_config_carries_the_serve_blocks_keyed_by_cluster_model_id() -> None:
@@ -170,6 +172,51 @@ def test_serve_config_is_a_valid_serve_deploy_config() -> None:
     assert schema.http_options.port == 8100
     assert schema.applications[0].import_path == IMPORT_PATH
     yaml.safe_load(yaml.safe_dump(config))  # plain data
+
+
+def test_direct_path_deploys_one_direct_streaming_application_per_model_at_its_route() -> None:
+    settings = settings_for(
+        {
+            "big": {"cluster_model": "Qwen/Qwen2.5-14B", "serve": {"source": "Qwen/Qwen2.5-14B"}},
+            "small": {"serve": {"source": "builtin:smollm2-135m-instruct", "accelerator": "cpu"}},
+            "remote": REMOTE,
+        },
+        cluster_url="http://ray-head:8000/llm/v1", data_path="direct",
+    )
+    from cluster.config import serve_specs
+
+    apps = serve_config(settings, serve_specs(settings))["applications"]
+    assert [(a["name"], a["route_prefix"], a["import_path"]) for a in apps] == [  # sorted by model id
+        ("qwen-qwen2-5-14b", "/llm/qwen-qwen2-5-14b", IMPORT_PATH), ("small", "/llm/small", IMPORT_PATH),
+    ]
+    assert apps[0]["args"] == {"models": {"Qwen/Qwen2.5-14B": {"source": "Qwen/Qwen2.5-14B"}}, "data_path": "direct"}
+    assert all(a["runtime_env"] == {"env_vars": {"RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1"}} for a in apps)
+    # The router reaches each application where Serve routes it.
+    assert settings.cluster_base_url("Qwen/Qwen2.5-14B") == "http://ray-head:8000/llm/qwen-qwen2-5-14b/v1"
+
+
+@pytest.mark.skipif(not HAS_RAY, reason="needs Ray Serve LLM's constants")
+def test_a_direct_application_needs_ray_s_direct_streaming_and_one_model() -> None:
+    from ray.llm._internal.serve.constants import RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING
+
+    assert not RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING  # read at import; only the application's runtime_env sets it
+    block = {"source": "x"}
+    with pytest.raises(ConfigError, match="RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING: must be 1"):
+        app_from_args({"models": {"m": block}, "data_path": "direct"})
+    with pytest.raises(ConfigError, match="exactly one model, got 2"):
+        app_from_args({"models": {"m": block, "n": block}, "data_path": "direct"})
+    with pytest.raises(ConfigError, match="neither direct nor classic"):
+        app_from_args({"models": {"m": block}, "data_path": "fast"})
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, None), (0, 0), (25, 25)])
+def test_classic_path_stream_batching_interval_comes_from_the_serve_block(value: Any, expected: Any) -> None:
+    spec = ServeSpec(source="x", stream_batching_interval_ms=value) if value is not None else ServeSpec(source="x")
+    kwargs = llm_config_kwargs("m", spec, model_source="x")
+    want = 0 if value is None else expected  # the default sends every chunk at once
+    assert kwargs["experimental_configs"] == {"stream_batching_interval_ms": want}
+    unset = ServeSpec(source="x", stream_batching_interval_ms=None)
+    assert "experimental_configs" not in llm_config_kwargs("m", unset, model_source="x")  # Ray's own 50 ms
 
 
 def test_serve_config_needs_a_hosted_model() -> None:

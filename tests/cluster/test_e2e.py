@@ -1,9 +1,10 @@
 """End to end: real Ray + real vLLM (CPU) + the built-in model, behind the real router.
 
 One local stack for the whole module (the same :class:`cluster.stack.LocalStack` as
-``openweight run``): the model's Serve app on a private Ray, and the router as a child process
-whose only provider fallback is a :class:`router.testing.FakeUpstream`. Deleting the Serve app
-moves traffic to the fallback; deploying it again brings it back to the cluster.
+``openweight run``, on the default direct data path): the model's Serve application on a private
+Ray behind Serve's HAProxy, and the router as a child process whose only provider fallback is a
+:class:`router.testing.FakeUpstream`. Deleting the Serve app moves traffic to the fallback;
+deploying it again brings it back to the cluster.
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "providers": {"fallback": {"url": fallback.url, "circuit": fast, "continuation": "trailing_assistant"}},
             "models": {
                 MODEL: {
-                    "serve": {"source": f"builtin:{MODEL}", "accelerator": "cpu", "max_ongoing_requests": 16},
+                    # Small limits, so that a handful of requests reach Serve's back-pressure.
+                    "serve": {"source": f"builtin:{MODEL}", "accelerator": "cpu", "max_ongoing_requests": 4,
+                              "max_queued_requests": 2, "retry_after_s": 2},
                     "fallbacks": [{"provider": "fallback", "model": "fake-model"}],
                 }
             },
@@ -73,8 +76,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         router_log = folder / "router.log"
         metrics_port = free_port()
         with router_log.open("wb") as log:
-            local = LocalStack(path, router_output=log, metrics_export_port=metrics_port, deploy_timeout_s=600,
-                               direct_ingress=True)
+            local = LocalStack(path, router_output=log, metrics_export_port=metrics_port, deploy_timeout_s=600)
             local.start()
             try:
                 yield Stack(local, fallback, router_log, f"http://127.0.0.1:{metrics_port}/metrics")
@@ -136,15 +138,42 @@ def test_completion_stream(stack: Stack) -> None:
     assert "Paris" in "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
 
 
-def test_the_ingress_replica_answers_on_the_cluster_url_and_serve_proxy_on_its_own_port(stack: Stack) -> None:
-    """Direct ingress: ``cluster.url`` is the OpenAI ingress replica itself; Serve's proxy, still
-    running, routes to the same application from a private port."""
-    assert stack.local.proxy_url != stack.local.settings.cluster.url
-    for url in (stack.local.settings.cluster.url, stack.local.proxy_url):
-        models = httpx.get(f"{url}/models", timeout=30)
-        assert models.status_code == 200 and [m["id"] for m in models.json()["data"]] == [MODEL], url
-    answer = httpx.post(f"{stack.local.proxy_url}/chat/completions", json=chat(), timeout=120)
-    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
+def model_base(stack: Stack) -> str:
+    return stack.local.settings.cluster_base_url(MODEL)
+
+
+def test_the_model_s_route_serves_vllm_s_own_app_and_cluster_url_serves_nothing(stack: Stack) -> None:
+    """Direct path: ``<cluster.url prefix>/<model>/v1`` is vLLM's OpenAI app in the replica (it also
+    answers what Ray's OpenAI ingress does not route, e.g. ``/v1/responses``); ``cluster.url`` itself
+    and an unknown route get HAProxy's plain 404, which the router treats as "not served here"."""
+    base = model_base(stack)
+    assert base == stack.local.settings.cluster.url.replace("/v1", f"/{MODEL}/v1")
+    models = httpx.get(f"{base}/models", timeout=30)
+    assert models.status_code == 200 and [m["id"] for m in models.json()["data"]] == [MODEL]
+    answer = httpx.post(f"{base}/responses", json={"model": MODEL, "input": QUESTION, "max_output_tokens": 16},
+                        timeout=120)
+    assert answer.status_code == 200, answer.text
+    for url in (f"{stack.local.settings.cluster.url}/models", base.replace(MODEL, MODEL.upper()) + "/models"):
+        missing = httpx.get(url, timeout=30)
+        assert missing.status_code == 404 and missing.headers["content-type"].startswith("text/plain"), url
+
+
+def test_a_full_replica_answers_429_with_retry_after(stack: Stack) -> None:
+    """Serve's back-pressure on the direct path: past max_ongoing (4) + max_queued (2), 429 at once."""
+    body = {**completion(), "max_tokens": 48, "ignore_eos": True}
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda _: httpx.post(f"{model_base(stack)}/completions", json=body, timeout=300),
+                                range(10)))
+    codes = sorted(a.status_code for a in answers)
+    assert set(codes) == {200, 429} and codes.count(200) >= 6, codes
+    assert all(a.headers["retry-after"] == "2" for a in answers if a.status_code == 429)
+
+
+def test_request_timeout_header_gives_408(stack: Stack) -> None:
+    body = {**completion(), "max_tokens": 300, "ignore_eos": True}
+    answer = httpx.post(f"{model_base(stack)}/completions", json=body, timeout=300,
+                        headers={"x-request-timeout-seconds": "1"})
+    assert answer.status_code == 408, answer.text
 
 
 def test_every_ray_metric_the_dashboards_and_rules_query_is_exported(stack: Stack) -> None:
@@ -152,11 +181,11 @@ def test_every_ray_metric_the_dashboards_and_rules_query_is_exported(stack: Stac
 
     Engine gauges (running, waiting, KV cache) are only exported while the engine reports them,
     so the agent is scraped while a long stream runs; error counters only exist after an error, so
-    one request goes straight to Serve for a model it does not have (a 404 from its ingress).
+    one request goes straight to Serve for a model it does not have (a 404 from vLLM's app).
     """
     wanted = {name for name in deploy_support.expected_names() if name.startswith("ray_")}
     assert any(n.startswith("ray_vllm_") for n in wanted) and any(n.startswith("ray_serve_") for n in wanted)
-    serve = httpx.Client(base_url=stack.local.settings.cluster.url, timeout=60)
+    serve = httpx.Client(base_url=model_base(stack), timeout=60)
     assert serve.post("/chat/completions", json={**chat(), "model": "no-such-model"}).status_code == 404
     body = {**chat(stream=True), "max_tokens": 400, "ignore_eos": True}
     exported: set[str] = set()
@@ -198,6 +227,17 @@ def test_fallback_while_the_app_is_gone_then_back_to_the_cluster(stack: Stack) -
     assert response.headers[UPSTREAM] == "cluster"
     assert "Paris" in response.json()["choices"][0]["message"]["content"]
 
+
+def test_a_killed_engine_s_replica_is_replaced_and_serves_again(stack: Stack) -> None:
+    """The fault soak's event: SIGKILL the engine. The router falls back meanwhile; Serve replaces the
+    replica, whose successor listens on a port of its own (never its dead predecessor's), and traffic
+    returns to the cluster."""
+    from bench.stack import kill_engine
+
+    assert kill_engine(), "no engine process found"
+    assert upstream_of_next_answer(stack, "fallback", timeout_s=60)[0] == "fallback"
+    upstream_of_next_answer(stack, "cluster", timeout_s=300)
+    assert httpx.get(f"{model_base(stack)}/models", timeout=30).status_code == 200
 
 def test_a_stream_whose_engine_is_killed_continues_on_the_provider(stack: Stack) -> None:
     """Last in the module: the replica is left to come back on its own."""

@@ -267,9 +267,11 @@ def test_openweight_check_config_accepts_the_config_map(
 
 
 def test_serve_config_hosts_the_serve_blocks(rendered: dict[str, list[Doc]]) -> None:
-    (app,) = support.serve_config_of(rendered["full"])["applications"]
-    assert app["import_path"] == "cluster.builder:app_from_args" and app["route_prefix"] == "/"
-    models = app["args"]["models"]
+    """The direct data path (default): one application per model, each at the model's route."""
+    apps = support.serve_config_of(rendered["full"])["applications"]
+    assert all(app["import_path"] == "cluster.builder:app_from_args" for app in apps)
+    assert [app["route_prefix"] for app in apps] == ["/qwen-qwen2-5-7b-instruct", "/qwen2-5-14b-instruct"]
+    models = {k: v for app in apps for k, v in app["args"]["models"].items()}
     assert set(models) == {"qwen2.5-14b-instruct", "Qwen/Qwen2.5-7B-Instruct"}
     assert models["qwen2.5-14b-instruct"]["tensor_parallel_size"] == 2
 

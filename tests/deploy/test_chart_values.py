@@ -33,22 +33,48 @@ def served(serve: dict[str, Any]) -> list[str]:
 
 # --- The cluster URL follows the route prefix -----------------------------------------------------
 
+CLASSIC = ("--set", "cluster.config.data_path=classic")
+
+
 @pytest.mark.parametrize(("prefix", "url"), [
     ("/", f"{SERVE_URL}/v1"),
     ("/llm", f"{SERVE_URL}/llm/v1"),
     ("/team/llm", f"{SERVE_URL}/team/llm/v1"),
 ])
 def test_cluster_url_joins_the_route_prefix(helm: str, prefix: str, url: str) -> None:
-    docs = support.render(helm, None, "--set", f"cluster.serve.routePrefix={prefix}")
+    docs = support.render(helm, None, "--set", f"cluster.serve.routePrefix={prefix}", *CLASSIC)
     (app,) = support.serve_config_of(docs)["applications"]
     assert app["route_prefix"] == prefix
     assert support.config_of(docs)["cluster"]["url"] == url
 
 
-def test_serve_config_cli_writes_the_default_route_prefix(helm: str, tmp_path: Path) -> None:
-    """The chart README's claim: serveConfigV2 equals `openweight cluster serve-config` except for the
-    `cluster.serve` fields the command does not take (here the route prefix)."""
-    docs = support.render(helm, None, "--set", "cluster.serve.routePrefix=/llm")
+@pytest.mark.parametrize("prefix", ["/", "/llm", "/team/llm"])
+def test_direct_path_routes_each_model_under_the_route_prefix(helm: str, prefix: str) -> None:
+    models = with_models({"a": {"serve": {"source": "org/a"}},
+                          "b": {"cluster_model": "Org/B.1", "serve": {"source": "x"}}})
+    docs = support.render(helm, None, "--set", f"cluster.serve.routePrefix={prefix}", *models)
+    apps = support.serve_config_of(docs)["applications"]
+    base = prefix.rstrip("/")
+    assert [(a["name"], a["route_prefix"]) for a in apps] == [("org-b-1", f"{base}/org-b-1"), ("a", f"{base}/a")]
+    config = support.config_of(docs)
+    assert config["cluster"]["url"] == f"{SERVE_URL}{base}/v1" and "data_path" not in config["cluster"]
+    pod = support.one(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in pod["containers"][0]["env"]
+
+
+def test_classic_path_keeps_serve_s_python_proxy(helm: str) -> None:
+    pod = support.one(support.render(helm, None, *CLASSIC), "RayService")["spec"]["rayClusterConfig"]
+    env = pod["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    assert all(e["name"] != "RAY_SERVE_ENABLE_HA_PROXY" for e in env)
+
+
+@pytest.mark.parametrize("data_path", ["classic", "direct"])
+def test_serve_config_cli_writes_the_default_route_prefix(helm: str, tmp_path: Path, data_path: str) -> None:
+    """The chart README's claim: serveConfigV2 equals `openweight cluster serve-config` except, on the
+    classic path, for the `cluster.serve` fields the command does not take (here the route prefix);
+    on the direct path the command derives every route from the cluster URL, as the chart does."""
+    docs = support.render(helm, None, "--set", "cluster.serve.routePrefix=/llm",
+                          "--set", f"cluster.config.data_path={data_path}")
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(support.config_of(docs)))
     exe = shutil.which("openweight", path=str(Path(sys.executable).parent)) or "openweight"
@@ -56,9 +82,12 @@ def test_serve_config_cli_writes_the_default_route_prefix(helm: str, tmp_path: P
     chart = support.serve_config_of(docs)
     (chart_app,) = chart["applications"]
     (cli_app,) = written["applications"]
-    assert cli_app["route_prefix"] == "/"
-    without_args = {k: v for k, v in cli_app.items() if k != "args"}
-    assert {k: v for k, v in chart_app.items() if k != "args"} == {**without_args, "route_prefix": "/llm"}
+    if data_path == "classic":
+        assert cli_app["route_prefix"] == "/"
+        cli_app["route_prefix"] = "/llm"
+    else:
+        assert cli_app["route_prefix"] == chart_app["route_prefix"] == "/llm/qwen2-5-7b-instruct"
+    assert {k: v for k, v in chart_app.items() if k != "args"} == {k: v for k, v in cli_app.items() if k != "args"}
     assert written["http_options"] == chart["http_options"]
 
 

@@ -41,7 +41,7 @@ def router_config(cluster: FakeUpstream, provider: FakeUpstream) -> dict[str, ob
     fast = {"probe": False, "first_byte_timeout_s": 5}
     return {
         "router": {"probe_interval_s": 3600, "retry": {"max_attempts": 1}},
-        "cluster": {"url": cluster.url, **fast},
+        "cluster": {"url": cluster.url, "data_path": "classic", **fast},  # the fake serves at the url itself
         "providers": {"p": {"url": provider.url, **fast, "budget": {"usd": 100, "period": "month"}}},
         "models": {"m": {"serve": {"source": "org/m", "cost_per_replica_hour": 2.5},
                          "fallbacks": [{"provider": "p", "model": "p-model",

@@ -72,7 +72,7 @@ def test_tensor_parallel_replica_answers(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({"cluster": {"url": url}, "models": {"m": {"serve": serve}}}))
 
-    with LocalStack(path, with_router=False, metrics_export_port=None, deploy_timeout_s=900):
+    with LocalStack(path, with_router=False, metrics_export_port=None, deploy_timeout_s=900) as stack:
         groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
         gpu_bundles = [[b for b in g["bundles"].values() if b.get("GPU")] for g in groups]
         assert [len(b) for b in gpu_bundles if b] == [tp], "one placement group holding the replica's TP GPUs"
@@ -82,6 +82,7 @@ def test_tensor_parallel_replica_answers(tmp_path: Path) -> None:
             "temperature": 0,
             "max_tokens": 30,
         }
-        response = httpx.post(f"{url}/chat/completions", json=body, timeout=120)
+        base = stack.settings.cluster_base_url("m")  # the model's route on the direct data path
+        response = httpx.post(f"{base}/chat/completions", json=body, timeout=120)
         assert response.status_code == 200, response.text
         assert "Paris" in response.json()["choices"][0]["message"]["content"]

@@ -106,8 +106,9 @@ matchExpressions:
 {{/* The config file ------------------------------------------------------------------------- */}}
 
 {{/* The URL the router uses for the cluster: the RayService's serve Service (only pods whose
-     Serve proxy is healthy) when the chart deploys it, else `cluster.url`. The OpenAI ingress
-     serves /v1 under the application's route prefix (`/` adds nothing). */}}
+     Serve proxy is healthy) when the chart deploys it, else `cluster.url`. On the classic path the
+     OpenAI ingress serves /v1 under the application's route prefix (`/` adds nothing); on the
+     direct path the router derives each model's base from it, `<routePrefix>/<model slug>/v1`. */}}
 {{- define "openweight.cluster.url" -}}
 {{- if .Values.cluster.enabled -}}
 {{- $prefix := trimSuffix "/" .Values.cluster.serve.routePrefix -}}
@@ -177,9 +178,36 @@ matchExpressions:
 {{- fail "models: no model has a `serve` block, so the cluster has nothing to host (cluster.enabled=false serves from providers only)" -}}
 {{- end -}}
 {{- $serve := .Values.cluster.serve -}}
-{{- $app := dict "name" $serve.applicationName "route_prefix" $serve.routePrefix "import_path" $serve.importPath "args" (dict "models" $blocks) -}}
-{{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" (int $serve.port)) "applications" (list $app) -}}
+{{- $apps := list -}}
+{{- if eq (include "openweight.cluster.dataPath" .) "direct" -}}
+{{- $prefix := trimSuffix "/" $serve.routePrefix -}}
+{{- range $id, $block := $blocks -}}
+{{- $slug := include "openweight.cluster.slug" $id -}}
+{{- $args := dict "models" (dict $id $block) "data_path" "direct" -}}
+{{- $env := dict "env_vars" (dict "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING" "1") -}}
+{{- $apps = append $apps (dict "name" $slug "route_prefix" (printf "%s/%s" $prefix $slug) "import_path" $serve.importPath "args" $args "runtime_env" $env) -}}
+{{- end -}}
+{{- else -}}
+{{- $apps = list (dict "name" $serve.applicationName "route_prefix" $serve.routePrefix "import_path" $serve.importPath "args" (dict "models" $blocks)) -}}
+{{- end -}}
+{{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" (int $serve.port)) "applications" $apps -}}
 {{- toYaml $config -}}
+{{- end -}}
+
+{{/* The cluster's data path (`cluster.config.data_path`, router/settings.py): `direct` (default)
+     or `classic`. */}}
+{{- define "openweight.cluster.dataPath" -}}
+{{- default "direct" (.Values.cluster.config | default dict).data_path -}}
+{{- end -}}
+
+{{/* A model id's route name on the direct path, as router/cluster_routes.py `slug` writes it:
+     lower case, every run of characters other than a-z and 0-9 as one `-`, no `-` at either end. */}}
+{{- define "openweight.cluster.slug" -}}
+{{- $slug := regexReplaceAll "[^a-z0-9]+" (lower (toString .)) "-" | trimAll "-" -}}
+{{- if not $slug -}}
+{{- fail (printf "models: model id %q has no letter or digit to name its route with" (toString .)) -}}
+{{- end -}}
+{{- $slug -}}
 {{- end -}}
 
 {{/* Checks that stop a bad install at render time. */}}

