@@ -53,7 +53,8 @@ def config(upstream_url: str, directory: Path, redis_url: str | None, route: str
     on_cluster = route == "cluster"
     return {
         "router": router,
-        "cluster": {"url": upstream_url, "probe": False} if on_cluster else {"enabled": False},
+        # The fake serves the API at its URL itself, as a classic Serve ingress does.
+        "cluster": {"url": upstream_url, "data_path": "classic", "probe": False} if on_cluster else {"enabled": False},
         # Served from the cluster, the provider is only a fallback (its URL answers nothing).
         "providers": {_PROVIDER: {"url": "http://127.0.0.1:9/v1" if on_cluster else upstream_url, "probe": False,
                                   "budget": {"usd": 1e6, "period": "month"}}},
