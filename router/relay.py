@@ -249,33 +249,43 @@ async def _stream(client: Responder, committed: Committed, observer: RequestObse
             part_start = len(sent) if sent is not None else 0
             tracker = SseTracker(strip_usage)
             failure = await _pump(client.send, part, tracker, observer, sent)
-            if failure is None or resumer is None or sent is None:
-                if tracker.usage is not None:
-                    observer.usage(*tracker.usage, upstream=part.upstream)
-                return failure
-            delivered = Delivered.read(resumer.endpoint, b"".join(sent))
-            own = Delivered.read(resumer.endpoint, b"".join(sent[part_start:]))
-            why_not = resumer.why_not(delivered, part.upstream)
-            if why_not is not None:
-                if tracker.usage is not None:
-                    observer.usage(*tracker.usage, upstream=part.upstream)
-                return f"{failure} (not continued: {why_not})"
-            used = tracker.usage or own.usage or (0, own.content_events)
-            observer.usage(*used, upstream=part.upstream, estimated=tracker.usage is None and own.usage is None)
-            try:
-                resumed = await resumer.resume(delivered, part.upstream, used)
-            except UpstreamError as exc:
-                observer.stream_resume(part.upstream, NONE, RESUME_FAILED)
-                return f"{failure}; no upstream could continue it: {exc.message}"
-            observer.stream_resume(part.upstream, resumed.committed.target.upstream, RESUME_SUCCESS)
-            log.info("request %s: %s; continued on %s", client.request_id, failure, resumed.committed.target.upstream)
-            continuations.append(resumed.committed)
-            part = _Part(resumed.committed.target.upstream, resumed.committed.response, resumed.rewrite,
-                         resumed.gap_started)
+            if failure is not None and resumer is not None and sent is not None:
+                delivered = Delivered.read(resumer.endpoint, b"".join(sent))
+                why_not = resumer.why_not(delivered, part.upstream)
+                if why_not is None:
+                    following = await _continue(client, resumer, delivered, part, failure, tracker.usage,
+                                                sent[part_start:], observer, continuations)
+                    if isinstance(following, str):
+                        return following
+                    part = following
+                    continue
+                failure = f"{failure} (not continued: {why_not})"
+            if tracker.usage is not None:
+                observer.usage(*tracker.usage, upstream=part.upstream)
+            return failure
     finally:
         for continuation in continuations:
             continuation.release()
             await continuation.response.aclose()
+
+
+async def _continue(client: Responder, resumer: Resumer, delivered: Delivered, broken: _Part, failure: str,
+                    usage: tuple[int, int] | None, part_sent: list[bytes], observer: RequestObserver,
+                    continuations: list[Committed]) -> _Part | str:
+    """The part that continues `broken`, after counting the usage of `broken` (estimated from its
+    text events when its upstream streamed none); why the stream ends when no upstream takes it."""
+    used = usage or (0, Delivered.read(resumer.endpoint, b"".join(part_sent)).content_events)
+    observer.usage(*used, upstream=broken.upstream, estimated=usage is None)
+    try:
+        resumed = await resumer.resume(delivered, broken.upstream, used)
+    except UpstreamError as exc:
+        observer.stream_resume(broken.upstream, NONE, RESUME_FAILED)
+        return f"{failure}; no upstream could continue it: {exc.message}"
+    to = resumed.committed.target.upstream
+    observer.stream_resume(broken.upstream, to, RESUME_SUCCESS)
+    log.info("request %s: %s; continued on %s", client.request_id, failure, to)
+    continuations.append(resumed.committed)
+    return _Part(to, resumed.committed.response, resumed.rewrite, resumed.gap_started)
 
 
 class _Part:

@@ -69,8 +69,7 @@ class Delivered:
                 found.identity = {k: payload[k] for k in _STREAM_FIELDS if k in payload}
             usage = payload.get("usage")
             if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-                prompt = usage.get("prompt_tokens")
-                found.usage = (prompt if isinstance(prompt, int) else 0, usage["completion_tokens"])
+                found.usage = usage_of(payload)
             for choice in payload.get("choices") or ():
                 if not isinstance(choice, dict):
                     continue
