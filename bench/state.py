@@ -98,8 +98,9 @@ async def _spend_path_cpu_us(settings: Any, shared: Any, route: str, requests: i
     from router.health import Health
     from router.metrics import Metrics
     from router.schemas import Endpoint, parse_request
-    from router.settings import CLUSTER, Budget, CircuitConfig, Period, RateLimit
+    from router.settings import CLUSTER, CircuitConfig, RateLimit
     from router.spend import Spend
+    from router.spend_config import Budget, Period
     from router.state import LocalState
 
     principal = Principal("bench", rate_limit=RateLimit(requests_per_minute=1e9),

@@ -19,7 +19,8 @@ from pydantic import TypeAdapter, ValidationError
 
 from router.config_file import error_message
 from router.errors import AuthenticationFailed, PermissionDenied, RateLimited
-from router.settings import ApiKey, AuthConfig, Budget, ConfigError, RateLimit, Settings
+from router.settings import ApiKey, AuthConfig, ConfigError, RateLimit, Settings
+from router.spend_config import Budget
 
 
 @dataclass(frozen=True, slots=True)

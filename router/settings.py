@@ -15,28 +15,22 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from router.cluster_routes import DataPath, model_base_url, slug_conflicts, url_prefix
 from router.config_model import Strict
+from router.redaction import looks_secret, redact_url
 from router.spend_config import (
     Budget,
-    OnStateError,
-    Period,
     Price,
     StateConfig,
-    redact_redis_url,
     serve_cost_problems,
 )
-
-__all__ = ["Budget", "OnStateError", "Period", "Price", "StateConfig", "redact_redis_url"]
 
 CLUSTER = "cluster"
 """The upstream name of the self-hosted cluster (metrics labels, ``x-openweight-upstream``)."""
@@ -376,12 +370,12 @@ class Settings(BaseSettings):
     def redacted(self) -> dict[str, Any]:
         """The resolved config as plain data, with no secret in it (for `check-config`)."""
         data = self.model_dump(mode="json")
-        data["cluster"]["url"] = _redact_url(self.cluster.url)
+        data["cluster"]["url"] = redact_url(self.cluster.url)
         if self.router.state.redis_url is not None:
-            data["router"]["state"]["redis_url"] = redact_redis_url(self.router.state.redis_url)
+            data["router"]["state"]["redis_url"] = redact_url(self.router.state.redis_url, query=True)
         for name, provider in self.providers.items():
             shown = data["providers"][name]
-            shown["url"] = _redact_url(provider.url)
+            shown["url"] = redact_url(provider.url)
             if provider.api_key_env:
                 state = "set" if provider.api_key() else "unset: provider inactive"
                 shown["api_key_env"] = f"{provider.api_key_env} ({state})"
@@ -392,22 +386,6 @@ class Settings(BaseSettings):
                 if isinstance(serve, dict) and isinstance(serve.get(block), dict):
                     serve[block] = {k: "<redacted>" if looks_secret(k) else v for k, v in serve[block].items()}
         return data
-
-
-_SECRET_WORDS = frozenset({"token", "secret", "password", "passwd", "key", "apikey", "credential", "credentials",
-                           "auth", "cookie"})
-
-
-def looks_secret(name: str) -> bool:
-    """Whether a setting's name says it holds a credential (``HF_TOKEN``, ``api_key``; not ``tokenizer``)."""
-    return any(word in _SECRET_WORDS for word in re.split(r"[_\-.]", name.lower()))
-
-
-def _redact_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None and parts.username is None:
-        return url
-    return urlunsplit(parts._replace(netloc=f"<redacted>@{parts.hostname}" + (f":{parts.port}" if parts.port else "")))
 
 
 def header_safe(value: str) -> bool:

@@ -33,7 +33,8 @@ from router.health import CircuitState, HealthSnapshot
 from router.metrics import STATE_ADMIT, STATE_READ, STATE_SETTLE, Metrics
 from router.policy import candidates
 from router.schemas import Endpoint, ParsedRequest
-from router.settings import Budget, OnStateError, Period, Price, Settings
+from router.settings import Settings
+from router.spend_config import Budget, OnStateError, Period, Price
 from router.state import (
     NANO_USD,
     NO_GRANT,

@@ -20,7 +20,9 @@ from urllib.parse import unquote
 
 from router.auth import KeyStore
 from router.config_file import load_settings
-from router.settings import Budget, Period, Settings, redact_redis_url
+from router.redaction import redact_url
+from router.settings import Settings
+from router.spend_config import Budget, Period
 from router.state import NANO_USD, SCOPE_KEY, SCOPE_PROVIDER, SCOPES, StateError, period_id
 
 Row = dict[str, Any]
@@ -115,9 +117,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             rows = asyncio.run(from_redis(settings, now))
         except StateError as exc:
-            print(f"openweight spend: cannot read {redact_redis_url(url)}: {exc}", file=sys.stderr)
+            print(f"openweight spend: cannot read {redact_url(url, query=True)}: {exc}", file=sys.stderr)
             return 1
-        source = (f"{redact_redis_url(url)}: today {period_id(Period.DAY, now)}, "
+        source = (f"{redact_url(url, query=True)}: today {period_id(Period.DAY, now)}, "
                   f"this month {period_id(Period.MONTH, now)} (UTC)")
     else:
         host = settings.router.host if settings.router.host not in ("0.0.0.0", "::") else "127.0.0.1"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from enum import StrEnum
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
 
@@ -101,16 +100,3 @@ def serve_cost_problems(name: str, serve: dict[str, Any] | None) -> list[str]:
     if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not math.isfinite(cost) or cost < 0:
         return [f"models.{name}.serve.cost_per_replica_hour: must be a finite number >= 0 (USD per replica-hour)"]
     return []
-
-
-def redact_redis_url(url: str) -> str:
-    """A Redis URL fit to show: its user, password and query (``?password=``) replaced."""
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    host = (parts.hostname or "") + (f":{port}" if port else "")
-    if parts.username is not None or parts.password is not None:
-        host = f"<redacted>@{host}"
-    return urlunsplit(parts._replace(netloc=host, query="<redacted>" if parts.query else "", fragment=""))

@@ -26,7 +26,8 @@ from typing import Protocol
 
 from router.auth import Principal, RateLimiter
 from router.errors import QuotaExceeded, RateLimited
-from router.settings import Period, RateLimit
+from router.settings import RateLimit
+from router.spend_config import Period
 
 SCOPE_KEY = "key"
 """A budget or spend counter of a client key (by the key's name)."""

@@ -36,7 +36,7 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
-from router.settings import Period, StateConfig
+from router.spend_config import Period, StateConfig
 from router.state import (
     SCOPE_KEY,
     Ask,

@@ -24,7 +24,7 @@ import yaml
 
 from router.errors import QuotaExceeded
 from router.redis_testing import RedisServer
-from router.settings import Period, StateConfig
+from router.spend_config import Period, StateConfig
 from router.state import SCOPE_KEY, Ask, BudgetCheck
 from router.state_redis import RedisState
 from router.testing import Behavior, FakeUpstream

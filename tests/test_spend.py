@@ -14,7 +14,8 @@ import pytest
 
 from router.auth import KeyStore
 from router.config_file import load_settings
-from router.settings import ApiKey, ConfigError, Period
+from router.settings import ApiKey, ConfigError
+from router.spend_config import Period
 from router.state import SCOPE_KEY, SCOPE_PROVIDER, Ask, BudgetCheck, Charge, LocalState
 from router.testing import PROMPT_TOKENS, Behavior
 from tests.spend_support import (

@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable
 from urllib.parse import unquote, urlsplit
 
-from router.settings import looks_secret
+from router.redaction import looks_secret
 
 REDACTED = b"<redacted>"
 
