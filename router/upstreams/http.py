@@ -79,8 +79,7 @@ class HttpResponse:
         self.first_chunk = b""
 
     async def _read_first(self) -> None:
-        with map_client_errors(self._upstream):
-            self.first_chunk = await self.read_chunk()
+        self.first_chunk = await self.read_chunk()  # read_chunk translates the client's errors
         if self.first_chunk.startswith(_COMPRESSED):
             # Compressed bytes labelled as plain: the client could decode what the router cannot inspect.
             raise UpstreamProtocolError(f"{self._upstream}: a compressed answer without its content-encoding")
