@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from router.asgi import Receive, Request, Scope, Send
 from router.auth import KeyStore, RateLimiter
+from router.capacity import CapacityProbe, Waker
 from router.dispatch import Dispatcher
 from router.endpoints import Endpoints
 from router.errors import MethodNotAllowed, NotFound, OpenWeightError, ServiceShuttingDown
@@ -119,7 +120,7 @@ class RouterApp:
         }
         health = self.endpoints.health
         health.publish()
-        if probed:
+        if probed or health.capacity is not None:  # the capacity route is read by the same prober
             await health.probe_once(probed)
             self._prober = asyncio.create_task(
                 health.probe_forever(probed, self.settings.router.probe_interval_s)
@@ -130,6 +131,10 @@ class RouterApp:
             self._prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._prober
+        if self.endpoints.waker is not None:
+            await self.endpoints.waker.aclose()
+        if self.endpoints.health.capacity is not None:
+            await self.endpoints.health.capacity.aclose()
         await asyncio.gather(*(up.aclose() for up in self.upstreams.values()))
 
 
@@ -160,7 +165,10 @@ def create_app(
         metrics.up.labels(name).set(1 if health.up else 0)
 
     clock = clock or time.monotonic
-    health = Health({name: upstream_config(settings, name).circuit for name in upstreams}, clock, on_change)
+    capacity = CapacityProbe(settings) if CLUSTER in upstreams and settings.cluster.capacity.enabled else None
+    health = Health(
+        {name: upstream_config(settings, name).circuit for name in upstreams}, clock, on_change, capacity
+    )
     dispatcher = Dispatcher(upstreams, health, settings.router.retry, settings.router.deadline_s, clock)
     endpoints = Endpoints(
         settings,
@@ -169,6 +177,7 @@ def create_app(
         health,
         dispatcher,
         metrics,
+        Waker(capacity, settings, clock) if capacity is not None else None,
     )
     return RouterApp(settings, endpoints, upstreams)
 

@@ -9,6 +9,7 @@ import time
 from router import policy
 from router.asgi import Request, until_disconnect
 from router.auth import KeyStore, RateLimiter
+from router.capacity import STATES, Waker
 from router.dispatch import Dispatcher
 from router.errors import (
     ClientDisconnected,
@@ -20,7 +21,8 @@ from router.errors import (
 )
 from router.health import Health
 from router.metrics import NONE, Metrics, RequestObserver
-from router.relay import relay
+from router.relay import error_event, relay
+from router.replica_wait import wait_for_replica
 from router.resume import Resumer, eligible
 from router.schemas import Endpoint, ParsedRequest, parse_request
 from router.settings import Settings
@@ -40,7 +42,10 @@ class Endpoints:
         health: Health,
         dispatcher: Dispatcher,
         metrics: Metrics,
+        waker: Waker | None = None,
     ) -> None:
+        self.waker = waker
+        """Wakes models that requests arrive for while no replica runs (None: capacity not read)."""
         self.settings = settings
         self.keys = keys
         self.limiter = limiter
@@ -63,6 +68,8 @@ class Endpoints:
             principal.check_model(parsed.model)
             observer = self.metrics.observe(parsed.model)
             plan = policy.plan(self.settings, parsed.model, self.health.snapshot())
+            if plan.cold and self.waker is not None:
+                self.waker.demand(parsed.model)
             observer.add_overhead(time.perf_counter() - request.start)
             status = await self._serve(request, parsed, plan, observer)
         except OpenWeightError as error:
@@ -96,7 +103,20 @@ class Endpoints:
 
         watcher = asyncio.ensure_future(watch())
         try:
-            committed = await self.dispatcher.dispatch(parsed, plan, request.request_id, observer)
+            if plan.waits_for_replica:
+                try:
+                    await wait_for_replica(request, parsed.model, parsed.stream, self.health, self.settings,
+                                           self.health.clock)
+                    plan = policy.plan(self.settings, parsed.model, self.health.snapshot())
+                    committed = await self.dispatcher.dispatch(parsed, plan, request.request_id, observer)
+                except OpenWeightError as error:
+                    if not request.started_response:
+                        raise
+                    # The stream started with waiting comments: it ends with the error in band.
+                    await request.send({"type": "http.response.body", "body": error_event(error.message)})
+                    return error.status
+            else:
+                committed = await self.dispatcher.dispatch(parsed, plan, request.request_id, observer)
             observer.upstream = committed.target.upstream
             resumer = None
             if self.settings.router.max_resumes and eligible(parsed):
@@ -158,4 +178,9 @@ class Endpoints:
         self.health.publish()
         for model, up in self.upstreams_up().items():
             self.metrics.child(self.metrics.model_upstreams_up, model).set(up)
+        replicas = self.metrics.cluster_replicas
+        replicas.clear()  # a model that left the capacity route (or the whole route) leaves no stale sample
+        for model, capacity in self.health.snapshot().capacity.items():
+            for state in STATES:
+                replicas.labels(model, state).set(capacity.count(state))
         await request.respond(200, self.metrics.exposition(), content_type="text/plain; version=0.0.4")

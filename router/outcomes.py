@@ -39,4 +39,7 @@ class Outcome(StrEnum):
     """The spill-over policy sent the request to providers first: the cluster signalled overload."""
     DEADLINE = "deadline"
     """The request's deadline passed before this upstream could be tried."""
+    COLD_START = "cold_start"
+    """The cluster has no running replica of the model (scaled to zero, starting, restarting):
+    providers take the request at once while the cluster is woken."""
 

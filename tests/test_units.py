@@ -202,7 +202,7 @@ def test_breaker_lifecycle():
 def test_outcome_label_values_stay_what_dashboards_and_alert_rules_select_on():
     assert {str(outcome) for outcome in Outcome} == {
         "success", "client_error", "server_error", "auth_error", "timeout", "overloaded", "connect_error",
-        "protocol_error", "unavailable", "circuit_open", "spillover", "deadline",
+        "protocol_error", "unavailable", "circuit_open", "spillover", "deadline", "cold_start",
     }
     statuses = {200: "success", 302: "server_error", 400: "client_error", 401: "auth_error", 403: "auth_error",
                 404: "client_error", 408: "timeout", 429: "overloaded", 500: "server_error", 503: "overloaded"}
