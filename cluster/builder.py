@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from cluster.capacity import capacity_application
 from cluster.config import Accelerator, ServeSpec, parse_serve_specs
 from cluster.errors import ClusterConfigError
 from cluster.model import resolve_source
@@ -122,7 +123,8 @@ def serve_config(
 ) -> dict[str, Any]:
     """The Ray Serve config (``serve deploy`` format) that KubeRay embeds as ``serveConfigV2``.
 
-    The HTTP port defaults to the port of ``cluster.url`` (8000 when it has none).
+    The HTTP port defaults to the port of ``cluster.url`` (8000 when it has none). The capacity
+    application (:mod:`cluster.capacity`) goes beside the models' applications.
     """
     by_id = cluster_specs(settings, specs)
     port = http_port if http_port is not None else urlsplit(settings.cluster.url).port or 8000
@@ -136,6 +138,7 @@ def serve_config(
                 "route_prefix": ROUTE_PREFIX,
                 "import_path": IMPORT_PATH,
                 "args": {"models": blocks},
-            }
+            },
+            capacity_application(settings, by_id),
         ],
     }

@@ -149,8 +149,11 @@ def test_serve_config_carries_the_serve_blocks_keyed_by_cluster_model_id() -> No
 
     config = serve_config(settings, serve_specs(settings))
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
-    (app,) = config["applications"]
+    app, capacity = config["applications"]
     assert (app["name"], app["route_prefix"], app["import_path"]) == (APP_NAME, "/", IMPORT_PATH)
+    assert capacity == {"name": "openweight-capacity", "route_prefix": "/openweight/capacity",
+                        "import_path": "cluster.capacity:app_from_args",
+                        "args": {"models": ["Qwen/Qwen2.5-14B", "small"]}}
     blocks = app["args"]["models"]
     assert blocks == {
         "Qwen/Qwen2.5-14B": {"source": "Qwen/Qwen2.5-14B", "tensor_parallel_size": 2},
@@ -183,3 +186,30 @@ def test_app_builder_rejects_bad_args_before_touching_ray() -> None:
         app_from_args({"models": {"m": {"source": "x", "tensor_parallel_size": 0}}})
     with pytest.raises(ConfigError, match=r"args\.models"):
         app_from_args({})
+
+
+def test_capacity_is_counted_from_the_controller_s_details_ingress_included() -> None:
+    """Replica states arrive as a str enum; a model counts as running only while its ingress runs."""
+    from enum import Enum
+
+    from cluster.capacity import capacity_of, deployment_suffix
+
+    class State(str, Enum):  # noqa: UP042 - as ray.serve._private.common.ReplicaState, whose str() is not its value
+        RUNNING = "RUNNING"
+        STARTING = "STARTING"
+
+    def deployment(target: int, *states: State) -> dict[str, Any]:
+        return {"target_num_replicas": target, "deployment_config": {"max_ongoing_requests": 64},
+                "replicas": [{"state": s} for s in states]}
+
+    model = "Qwen/Qwen2.5-7B-Instruct"
+    name = f"LLMServer:{deployment_suffix(model)}"
+    assert name == "LLMServer:Qwen--Qwen2_5-7B-Instruct"  # Ray Serve LLM's naming
+    app = {"deployments": {name: deployment(2, State.RUNNING, State.STARTING),
+                           "OpenAiIngress": deployment(1, State.RUNNING)},
+           "deployment_topology": {"ingress_deployment": "OpenAiIngress"}}
+    details = {"applications": {"openweight": app}}
+    assert capacity_of(details, [model, "absent"]) == {
+        model: {"running": 1, "starting": 1, "target": 2, "max_ongoing_requests": 64}}
+    app["deployments"]["OpenAiIngress"] = deployment(1, State.STARTING)
+    assert capacity_of(details, [model])[model]["running"] == 0

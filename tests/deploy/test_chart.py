@@ -244,6 +244,8 @@ def test_serve_config_is_what_the_code_builds(rendered: dict[str, list[Doc]], sc
     expected = yaml.safe_load(proc.stdout)
     chart = support.serve_config_of(docs)
     for app in chart["applications"]:
+        if app["import_path"] != "cluster.builder:app_from_args":
+            continue  # the capacity application: a list of model ids
         specs = parse_serve_specs(app["args"]["models"])
         app["args"]["models"] = {k: v.model_dump(mode="json", exclude_defaults=True) for k, v in specs.items()}
     assert chart == expected
@@ -267,11 +269,14 @@ def test_openweight_check_config_accepts_the_config_map(
 
 
 def test_serve_config_hosts_the_serve_blocks(rendered: dict[str, list[Doc]]) -> None:
-    (app,) = support.serve_config_of(rendered["full"])["applications"]
+    app, capacity = support.serve_config_of(rendered["full"])["applications"]
+    assert capacity["import_path"] == "cluster.capacity:app_from_args"
+    assert capacity["route_prefix"] == "/openweight/capacity"
     assert app["import_path"] == "cluster.builder:app_from_args" and app["route_prefix"] == "/"
     models = app["args"]["models"]
     assert set(models) == {"qwen2.5-14b-instruct", "Qwen/Qwen2.5-7B-Instruct"}
     assert models["qwen2.5-14b-instruct"]["tensor_parallel_size"] == 2
+    assert capacity["args"]["models"] == sorted(models)
 
 
 # --- Security --------------------------------------------------------------------------------

@@ -40,8 +40,9 @@ def served(serve: dict[str, Any]) -> list[str]:
 ])
 def test_cluster_url_joins_the_route_prefix(helm: str, prefix: str, url: str) -> None:
     docs = support.render(helm, None, "--set", f"cluster.serve.routePrefix={prefix}")
-    (app,) = support.serve_config_of(docs)["applications"]
+    app, capacity = support.serve_config_of(docs)["applications"]
     assert app["route_prefix"] == prefix
+    assert capacity["route_prefix"] == "/openweight/capacity"  # on the Serve port, beside any prefix
     assert support.config_of(docs)["cluster"]["url"] == url
 
 
@@ -54,8 +55,9 @@ def test_serve_config_cli_writes_the_default_route_prefix(helm: str, tmp_path: P
     exe = shutil.which("openweight", path=str(Path(sys.executable).parent)) or "openweight"
     written = yaml.safe_load(support.run([exe, "cluster", "serve-config", "--config", str(config_file)]).stdout)
     chart = support.serve_config_of(docs)
-    (chart_app,) = chart["applications"]
-    (cli_app,) = written["applications"]
+    chart_app, chart_capacity = chart["applications"]
+    cli_app, cli_capacity = written["applications"]
+    assert chart_capacity == cli_capacity
     assert cli_app["route_prefix"] == "/"
     without_args = {k: v for k, v in cli_app.items() if k != "args"}
     assert {k: v for k, v in chart_app.items() if k != "args"} == {**without_args, "route_prefix": "/llm"}
