@@ -57,6 +57,8 @@ def deployment_config(spec: ServeSpec) -> dict[str, Any]:
             "initial_replicas": replicas.initial if replicas.initial is not None else replicas.min,
             "target_ongoing_requests": spec.target_ongoing_requests,
         }
+        if replicas.downscale_delay_s is not None:
+            config["autoscaling_config"]["downscale_delay_s"] = replicas.downscale_delay_s
     else:
         config["num_replicas"] = replicas.min
     return config

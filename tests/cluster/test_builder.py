@@ -81,6 +81,13 @@ def test_autoscaling_between_min_and_max() -> None:
     }
 
 
+def test_a_downscale_delay_reaches_serve_s_autoscaling_config() -> None:
+    spec = ServeSpec(source="x", replicas={"min": 0, "max": 1, "downscale_delay_s": 20})
+    assert deployment_config(spec)["autoscaling_config"]["downscale_delay_s"] == 20
+    default = deployment_config(ServeSpec(source="x", replicas={"min": 0}))
+    assert "downscale_delay_s" not in default["autoscaling_config"]
+
+
 def test_unbounded_queue_when_max_queued_requests_is_null() -> None:
     assert deployment_config(gpu(max_queued_requests=None))["max_queued_requests"] == -1
 
