@@ -220,3 +220,11 @@ def test_capacity_is_counted_from_the_controller_s_details_ingress_included() ->
         model: {"running": 1, "starting": 1, "target": 2, "max_ongoing_requests": 64}}
     app["deployments"]["OpenAiIngress"] = deployment(1, State.STARTING)
     assert capacity_of(details, [model])[model]["running"] == 0
+
+
+def test_the_scale_to_zero_example_deploys_a_model_at_zero_beside_the_capacity_application() -> None:
+    settings, specs = load_cluster_config(ROOT / "deploy/examples/scale-to-zero.yaml")
+    app, capacity = serve_config(settings, specs)["applications"]
+    options = deployment_config(specs["smollm2-135m-instruct"])["autoscaling_config"]
+    assert options["min_replicas"] == options["initial_replicas"] == 0 and options["downscale_delay_s"] == 120
+    assert capacity["args"]["models"] == list(app["args"]["models"]) == ["smollm2-135m-instruct"]
