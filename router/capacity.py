@@ -47,7 +47,7 @@ TARGET = "target"
 """The `state` label values of ``openweight_cluster_replicas`` (and the keys of the route's answer)."""
 STATES = (RUNNING, STARTING, TARGET)
 WAKE_RETRY_S = 1.0
-"""Pause before asking again when a wake-up call failed (the route unreachable, say)."""
+"""Pause before asking again when a wake-up call was not taken (held to its end, refused, failed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +195,8 @@ class Waker:
                         return
                 except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                     log.warning("wake-up call for %s failed: %s", model, exc)
-                    await asyncio.sleep(WAKE_RETRY_S)
+                # Not taken: held to its end, or refused at once (a route without wake-ups): pause.
+                await asyncio.sleep(WAKE_RETRY_S)
         finally:
             self._tasks.pop(model, None)
 

@@ -165,6 +165,8 @@ class FakeUpstream:
         self.capacity: dict[str, dict[str, int]] | None = None
         self.capacity_reads = 0
         self.wakes: list[str] = []
+        self.wake_status = 200
+        """Status of a wake-up call; another one answers at once with an OpenAI error."""
         self.requests: list[Received] = []
         self.port = port
         self._script: collections.deque[Behavior] = collections.deque()
@@ -265,6 +267,9 @@ class FakeUpstream:
         call = json.loads(await _read_body(receive))
         model, hold_s = call["model"], float(call["hold_s"])
         self.wakes.append(model)
+        if self.wake_status != 200:
+            await _send_body(send, self.wake_status, _error(self.wake_status, f"{self.name}: scripted"))
+            return
 
         async def hold() -> None:
             end = time.monotonic() + hold_s

@@ -117,3 +117,13 @@ def test_spillover_moves_to_providers_when_the_running_replicas_are_full(fakes):
                 assert second.headers["x-openweight-upstream"] == "prov"
                 first.read()
         assert router.metric("openweight_fallbacks_total", to_upstream="prov", reason="spillover") == 1
+
+
+def test_a_route_that_refuses_wake_up_calls_is_asked_once_a_second_at_most(fakes):
+    cluster, prov = fakes("cluster"), fakes("prov")
+    cluster.capacity = {MODEL: dict(AT_ZERO)}
+    cluster.wake_status = 404  # an older capacity application: replica counts, no wake-ups
+    with RouterServer(_settings(cluster, {"prov": prov})) as router, router.client() as client:
+        assert client.post("/v1/chat/completions", json=chat()).headers["x-openweight-upstream"] == "prov"
+        time.sleep(1.5)
+    assert 1 <= len(cluster.wakes) <= 3
