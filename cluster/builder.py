@@ -121,12 +121,14 @@ def app_from_args(args: dict[str, Any]) -> Any:
 
 
 def serve_config(
-    settings: Settings, specs: Mapping[str, ServeSpec], *, http_host: str = "0.0.0.0", http_port: int | None = None
+    settings: Settings, specs: Mapping[str, ServeSpec], *, http_host: str = "0.0.0.0", http_port: int | None = None,
+    with_capacity: bool = True,
 ) -> dict[str, Any]:
     """The Ray Serve config (``serve deploy`` format) that KubeRay embeds as ``serveConfigV2``.
 
     The HTTP port defaults to the port of ``cluster.url`` (8000 when it has none). The capacity
-    application (:mod:`cluster.capacity`) goes beside the models' applications.
+    application (:mod:`cluster.capacity`) goes beside the models' applications unless
+    ``with_capacity`` is false.
     """
     by_id = cluster_specs(settings, specs)
     port = http_port if http_port is not None else urlsplit(settings.cluster.url).port or 8000
@@ -141,6 +143,6 @@ def serve_config(
                 "import_path": IMPORT_PATH,
                 "args": {"models": blocks},
             },
-            capacity_application(settings, by_id),
+            *([capacity_application(settings, by_id)] if with_capacity else []),
         ],
     }

@@ -228,3 +228,6 @@ def test_the_scale_to_zero_example_deploys_a_model_at_zero_beside_the_capacity_a
     options = deployment_config(specs["smollm2-135m-instruct"])["autoscaling_config"]
     assert options["min_replicas"] == options["initial_replicas"] == 0 and options["downscale_delay_s"] == 120
     assert capacity["args"]["models"] == list(app["args"]["models"]) == ["smollm2-135m-instruct"]
+    # The local stack's direct ingress serves cluster.url from the OpenAI ingress replica: no capacity route.
+    (only,) = serve_config(settings, specs, with_capacity=False)["applications"]
+    assert only == app
