@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from cluster.capacity import capacity_application
 from cluster.config import Accelerator, ServeSpec, parse_serve_specs
 from cluster.errors import ClusterConfigError
 from cluster.model import resolve_source
@@ -72,6 +73,8 @@ def deployment_config(spec: ServeSpec) -> dict[str, Any]:
             "initial_replicas": replicas.initial if replicas.initial is not None else replicas.min,
             "target_ongoing_requests": spec.target_ongoing_requests,
         }
+        if replicas.downscale_delay_s is not None:
+            config["autoscaling_config"]["downscale_delay_s"] = replicas.downscale_delay_s
     else:
         config["num_replicas"] = replicas.min
     return config
@@ -172,17 +175,22 @@ def applications(settings: Settings, specs: Mapping[str, ServeSpec]) -> list[dic
 
 
 def serve_config(
-    settings: Settings, specs: Mapping[str, ServeSpec], *, http_host: str = "0.0.0.0", http_port: int | None = None
+    settings: Settings, specs: Mapping[str, ServeSpec], *, http_host: str = "0.0.0.0", http_port: int | None = None,
+    with_capacity: bool = True,
 ) -> dict[str, Any]:
     """The Ray Serve config (``serve deploy`` format) that KubeRay embeds as ``serveConfigV2``.
 
     The HTTP port defaults to the port of ``cluster.url`` (8000 when it has none). On the direct
     path the cluster's Ray processes need ``RAY_SERVE_ENABLE_HA_PROXY=1`` (:data:`HAPROXY`) in their
-    environment: a Serve config cannot set it.
+    environment: a Serve config cannot set it. The capacity application (:mod:`cluster.capacity`)
+    goes beside the models' applications unless ``with_capacity`` is false.
     """
     port = http_port if http_port is not None else urlsplit(settings.cluster.url).port or 8000
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": http_host, "port": port},
-        "applications": applications(settings, specs),
+        "applications": [
+            *applications(settings, specs),
+            *([capacity_application(settings, cluster_specs(settings, specs))] if with_capacity else []),
+        ],
     }

@@ -18,16 +18,20 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from cluster.errors import ClusterConfigError, failure
+
+if TYPE_CHECKING:
+    from router.settings import Settings
 
 Verb = Callable[[argparse.Namespace], int]
 
@@ -107,6 +111,22 @@ def _probe(url: str) -> str:
         return f"{url}: unreachable ({exc})"
 
 
+def _capacity(settings: Settings) -> list[str]:
+    """Replicas per model from the capacity route (as the router reads it), one line each."""
+    from router.capacity import STATES, capacity_url
+
+    url = capacity_url(settings.cluster)
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            models = json.load(response).get("models") or {}
+    except urllib.error.HTTPError as exc:
+        return [f"{url}: HTTP {exc.code} (no capacity route: the router routes without replica counts)"]
+    except (OSError, ValueError) as exc:
+        return [f"{url}: unreachable ({exc})"]
+    return [f"{model}: " + ", ".join(f"{state} {counts.get(state)}" for state in STATES)
+            for model, counts in models.items()] or [f"{url}: no model deployed"]
+
+
 @_verb("cluster status")
 def _status(args: argparse.Namespace) -> int:
     address = os.environ.get("RAY_ADDRESS")
@@ -117,6 +137,10 @@ def _status(args: argparse.Namespace) -> int:
         bases = (settings.cluster_base_url(settings.cluster_model_id(name)) for name in settings.models)
         for base in dict.fromkeys(bases):  # on the direct path, one line per model (its route)
             print(_probe(base))
+        if settings.cluster.capacity.enabled:
+            print("replicas (capacity route):")
+            for line in _capacity(settings):
+                print(f"  {line}")
     if not address:
         if not args.config:
             raise ClusterConfigError("set RAY_ADDRESS (or pass --config to probe cluster.url)")

@@ -85,6 +85,13 @@ class Replicas(Strict):
         "`max_ongoing_requests`.",
     )
 
+    downscale_delay_s: float | None = Field(
+        None,
+        ge=0,
+        description="Seconds of lower load before Serve removes a replica, the last one included when "
+        "`min` is 0 (Serve's default: 600).",
+    )
+
     @model_validator(mode="after")
     def _ordered(self) -> Self:
         if self.min > self.max:

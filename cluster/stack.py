@@ -207,7 +207,12 @@ class LocalStack:
         """The Serve config this stack deploys: the one KubeRay gets, with this stack's HTTP address."""
         from cluster.builder import serve_config
 
-        return serve_config(self.settings, self.public_specs, http_host=self.serve_host, http_port=self._proxy_port)
+        # With direct ingress, cluster.url is the OpenAI ingress replica itself, which cannot serve the
+        # capacity route, and Serve hands direct-ingress replicas ports from a one-port range: the
+        # capacity application is left out, and the router routes without replica counts.
+        direct = self._proxy_port is not None and self._proxy_port != self.serve_port
+        return serve_config(self.settings, self.public_specs, http_host=self.serve_host, http_port=self._proxy_port,
+                            with_capacity=not direct)
 
     def deploy(self) -> None:
         """Deploy (or deploy again) the Serve application and wait until it runs.

@@ -17,7 +17,8 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from router.asgi import Receive, Request, Scope, Send
 from router.auth import KeyStore, RateLimiter
-from router.cost import ClusterCost, ConfiguredReplicas, ReplicaSource
+from router.capacity import CapacityProbe, Waker
+from router.cost import ClusterCost, ConfiguredReplicas, ReplicaSource, ServeReplicas
 from router.dispatch import Dispatcher
 from router.endpoints import Endpoints
 from router.errors import MethodNotAllowed, NotFound, OpenWeightError, ServiceShuttingDown
@@ -126,7 +127,7 @@ class RouterApp:
         }
         health = self.endpoints.health
         health.publish()
-        if probed:
+        if probed or health.capacity is not None:  # the capacity route is read by the same prober
             await health.probe_once(probed)
             self._prober = asyncio.create_task(
                 health.probe_forever(probed, self.settings.router.probe_interval_s)
@@ -137,6 +138,10 @@ class RouterApp:
             self._prober.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._prober
+        if self.endpoints.waker is not None:
+            await self.endpoints.waker.aclose()
+        if self.endpoints.health.capacity is not None:
+            await self.endpoints.health.capacity.aclose()
         await asyncio.gather(*(up.aclose() for up in self.upstreams.values()))
         if self.state is not None:
             await self.state.aclose()
@@ -172,7 +177,10 @@ def create_app(
         metrics.up.labels(name).set(1 if health.up else 0)
 
     clock = clock or time.monotonic
-    health = Health({name: upstream_config(settings, name).circuit for name in upstreams}, clock, on_change)
+    capacity = CapacityProbe(settings) if CLUSTER in upstreams and settings.cluster.capacity.enabled else None
+    health = Health(
+        {name: upstream_config(settings, name).circuit for name in upstreams}, clock, on_change, capacity
+    )
     dispatcher = Dispatcher(upstreams, health, settings.router.retry, settings.router.deadline_s, clock)
     keys = keys if keys is not None else KeyStore.from_config(settings.router.auth)
     limiter = RateLimiter()
@@ -182,8 +190,14 @@ def create_app(
         state = RedisState(settings.router.state)
     key_budgets = {p.name: p.budget for p in keys.principals if p.budget is not None}
     spend = Spend(settings, metrics, LocalState(limiter), state, key_budgets)
-    cost = ClusterCost(settings, metrics, replicas or ConfiguredReplicas(settings))
-    endpoints = Endpoints(settings, keys, limiter, health, dispatcher, metrics, spend, cost)
+    if replicas is None:
+        configured = ConfiguredReplicas(settings)
+        replicas = ServeReplicas(capacity, configured) if capacity is not None else configured
+    cost = ClusterCost(settings, metrics, replicas)
+    if capacity is not None:
+        capacity.before_refresh = cost.accrue  # the time since the last count is charged at that count
+    waker = Waker(capacity, settings, clock) if capacity is not None else None
+    endpoints = Endpoints(settings, keys, limiter, health, dispatcher, metrics, spend, cost, waker)
     return RouterApp(settings, endpoints, upstreams, state)
 
 

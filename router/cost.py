@@ -1,11 +1,14 @@
 """Self-hosted cost: running replica-hours x ``models.<m>.serve.cost_per_replica_hour``, counted in
 ``openweight_cluster_cost_usd_total{model}`` in the same unit (USD) as provider spend.
 
-The replica count comes from a :class:`ReplicaSource`. Until capacity-aware routing reads the running
-count from Serve's controller (a capacity route on the Serve port), :class:`ConfiguredReplicas` is
-the source: the ``serve.replicas`` block, exact when the count is fixed (``min == max``) and its floor
-(``min``) when Serve autoscales, so the cost is then a lower bound. Pass another source to
-:func:`router.app.create_app` to replace it.
+The replica count comes from a :class:`ReplicaSource`. The router's source is
+:class:`ServeReplicas`: the replicas that hold their devices (running and starting) as the cluster's
+capacity route reports them from Serve's controller (:mod:`router.capacity`), read with every probe,
+so a model scaled to zero costs nothing and an autoscaled one costs what runs. Where the route does
+not answer (capacity disabled, an older or external Serve), :class:`ConfiguredReplicas` stands in:
+the ``serve.replicas`` block, exact when the count is fixed (``min == max``) and its floor (``min``)
+when Serve autoscales, so the cost is then a lower bound. Time between two reads is charged at the
+count of the earlier one (:meth:`ClusterCost.accrue` runs before every read and at every scrape).
 
 Every router replica counts the whole cluster (the cost does not depend on which router served):
 dashboards aggregate it with ``max``, not ``sum``.
@@ -18,6 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+from router.capacity import CapacityProbe
 from router.metrics import Metrics
 from router.settings import Settings
 
@@ -49,11 +53,26 @@ class ConfiguredReplicas:
             low, high = _count(replicas, "min", 1), _count(replicas, "max", 1)
             self._counts[name] = low
             if low != high and model.serve.get("cost_per_replica_hour"):
-                log.info("cluster cost of %s counts its minimum of %d replica(s): Serve autoscales it up to %d "
-                         "and the running count is not read yet", name, low, high)
+                log.info("cluster cost of %s counts its minimum of %d replica(s) while the capacity route "
+                         "does not answer: Serve autoscales it up to %d", name, low, high)
 
     def running(self, model: str) -> float | None:
         return self._counts.get(model)
+
+
+class ServeReplicas:
+    """Replicas holding their devices (running + starting) from the capacity route; `fallback` where
+    it has no count for the model."""
+
+    def __init__(self, probe: CapacityProbe, fallback: ReplicaSource) -> None:
+        self._probe = probe
+        self._fallback = fallback
+
+    def running(self, model: str) -> float | None:
+        capacity = self._probe.models.get(model)
+        if capacity is None:
+            return self._fallback.running(model)
+        return capacity.running + capacity.starting
 
 
 class ClusterCost:

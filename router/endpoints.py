@@ -9,6 +9,7 @@ import time
 from router import policy
 from router.asgi import Request, until_disconnect
 from router.auth import KeyStore, Principal, RateLimiter
+from router.capacity import STATES, Waker
 from router.cost import ClusterCost
 from router.dispatch import Dispatcher
 from router.errors import (
@@ -21,7 +22,8 @@ from router.errors import (
 )
 from router.health import Health
 from router.metrics import NONE, Metrics, RequestObserver
-from router.relay import relay
+from router.relay import error_event, relay
+from router.replica_wait import wait_for_replica
 from router.resume import Resumer, eligible
 from router.schemas import Endpoint, ParsedRequest, parse_request
 from router.settings import Settings
@@ -45,6 +47,7 @@ class Endpoints:
         metrics: Metrics,
         spend: Spend | None = None,
         cost: ClusterCost | None = None,
+        waker: Waker | None = None,
     ) -> None:
         self.settings = settings
         self.keys = keys
@@ -54,6 +57,8 @@ class Endpoints:
         self.metrics = metrics
         self.spend = spend or Spend(settings, metrics, LocalState(limiter))
         self.cost = cost
+        self.waker = waker
+        """Wakes models that requests arrive for while no replica runs (None: capacity not read)."""
 
     async def inference(self, request: Request, endpoint: Endpoint) -> None:
         observer: RequestObserver | None = None
@@ -74,6 +79,8 @@ class Endpoints:
             snapshot = self.health.snapshot()
             ticket = await self.spend.admit(principal, parsed, snapshot)  # state I/O: before the policy
             plan = policy.plan(self.settings, parsed.model, snapshot, ticket.exhausted)
+            if plan.cold and self.waker is not None:
+                self.waker.demand(parsed.model)
             observer.add_overhead(time.perf_counter() - request.start)
             status = await self._serve(request, parsed, plan, observer)
         except OpenWeightError as error:
@@ -112,7 +119,20 @@ class Endpoints:
 
         watcher = asyncio.ensure_future(watch())
         try:
-            committed = await self.dispatcher.dispatch(parsed, plan, request.request_id, observer)
+            if plan.waits_for_replica:
+                try:
+                    await wait_for_replica(request, parsed.model, parsed.stream, self.health, self.settings,
+                                           self.health.clock)
+                    plan = policy.plan(self.settings, parsed.model, self.health.snapshot())
+                    committed = await self.dispatcher.dispatch(parsed, plan, request.request_id, observer)
+                except OpenWeightError as error:
+                    if not request.started_response:
+                        raise
+                    # The stream started with waiting comments: it ends with the error in band.
+                    await request.send({"type": "http.response.body", "body": error_event(error.message)})
+                    return error.status
+            else:
+                committed = await self.dispatcher.dispatch(parsed, plan, request.request_id, observer)
             observer.upstream = committed.target.upstream
             resumer = None
             if self.settings.router.max_resumes and eligible(parsed):
@@ -177,4 +197,9 @@ class Endpoints:
             self.cost.accrue()
         for model, up in self.upstreams_up().items():
             self.metrics.child(self.metrics.model_upstreams_up, model).set(up)
+        replicas = self.metrics.cluster_replicas
+        replicas.clear()  # a model that left the capacity route (or the whole route) leaves no stale sample
+        for model, capacity in self.health.snapshot().capacity.items():
+            for state in STATES:
+                replicas.labels(model, state).set(capacity.count(state))
         await request.respond(200, self.metrics.exposition(), content_type="text/plain; version=0.0.4")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
+from router.capacity import CapacityProbe, ModelCapacity
 from router.settings import CircuitConfig
 from router.upstreams.base import Upstream
 
@@ -118,11 +119,13 @@ class UpstreamHealth:
 
 @dataclass(frozen=True, slots=True)
 class HealthSnapshot:
-    """What the policy may know: per-upstream health and the cluster's in-flight counts."""
+    """What the policy may know: per-upstream health, the cluster's in-flight counts and its capacity."""
 
     upstreams: Mapping[str, UpstreamHealth]
     cluster_in_flight: int
     cluster_in_flight_by_model: Mapping[str, int]
+    capacity: Mapping[str, ModelCapacity] = field(default_factory=dict)
+    """Replicas per model (public name) from the capacity route; empty while unknown."""
 
 
 class Health:
@@ -133,8 +136,11 @@ class Health:
         circuits: Mapping[str, CircuitConfig],
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[str, UpstreamHealth], None] | None = None,
+        capacity: CapacityProbe | None = None,
     ) -> None:
         self.clock = clock
+        self.capacity = capacity
+        """Read with every probe round, when the cluster's capacity route is enabled."""
         self.breakers = {name: Breaker(config, clock) for name, config in circuits.items()}
         self._on_change = on_change
         self._cluster_in_flight: dict[str, int] = {}
@@ -147,7 +153,8 @@ class Health:
             name: UpstreamHealth(b.state, b.deferred_until > now, b.probe_ok) for name, b in self.breakers.items()
         }
         return HealthSnapshot(
-            upstreams, sum(self._cluster_in_flight.values()), dict(self._cluster_in_flight)
+            upstreams, sum(self._cluster_in_flight.values()), dict(self._cluster_in_flight),
+            self.capacity.models if self.capacity is not None else {},
         )
 
     def cluster_started(self, model: str) -> None:
@@ -198,7 +205,8 @@ class Health:
 
     async def probe_once(self, upstreams: Mapping[str, Upstream]) -> None:
         names = list(upstreams)
-        results = await asyncio.gather(*(upstreams[n].probe() for n in names))
+        refresh = self.capacity.refresh() if self.capacity is not None else asyncio.sleep(0)
+        _, results = await asyncio.gather(refresh, asyncio.gather(*(upstreams[n].probe() for n in names)))
         for name, ok in zip(names, results, strict=True):
             self.breakers[name].probed(ok)
         self.publish()

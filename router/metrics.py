@@ -74,6 +74,12 @@ class Metrics:
             "Upstreams of a model (active, allowed by its policy) not known dead; 0 means it cannot be served.",
             ["model"], registry=r,
         )
+        self.cluster_replicas = Gauge(
+            "openweight_cluster_replicas",
+            "Replicas of a model on the cluster by state (running, starting, target), from the capacity route; "
+            "absent while the cluster does not answer it.",
+            ["model", "state"], registry=r,
+        )
         self.circuit = Gauge(
             "openweight_circuit_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
             ["upstream"], registry=r,

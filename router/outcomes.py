@@ -41,4 +41,7 @@ class Outcome(StrEnum):
     """The request's deadline passed before this upstream could be tried."""
     BUDGET = "budget"
     """The provider's budget for the period is spent: skipped."""
+    COLD_START = "cold_start"
+    """The cluster has no running replica of the model (scaled to zero, starting, restarting):
+    providers take the request at once while the cluster is woken."""
 

@@ -8,8 +8,6 @@ from router.health import CircuitState, HealthSnapshot
 from router.outcomes import Outcome
 from router.settings import CLUSTER, Policy, Settings
 
-"""Fallback reason: a provider past its budget for the period is skipped."""
-
 
 @dataclass(frozen=True, slots=True)
 class Target:
@@ -32,10 +30,17 @@ class Plan:
     """Targets in order, interleaved with the ones skipped, so fallbacks can be counted in order."""
 
     steps: tuple[Target | Skip, ...]
+    cold: bool = False
+    """The cluster is among the model's upstreams and has no running replica of it (capacity known)."""
 
     @property
     def targets(self) -> tuple[Target, ...]:
         return tuple(step for step in self.steps if isinstance(step, Target))
+
+    @property
+    def waits_for_replica(self) -> bool:
+        """Cold, and the cluster is the only upstream left to try: wait for a replica before sending."""
+        return self.cold and all(t.upstream == CLUSTER for t in self.targets) and bool(self.targets)
 
 
 def candidates(settings: Settings, model: str, snapshot: HealthSnapshot) -> list[Target]:
@@ -54,8 +59,16 @@ def candidates(settings: Settings, model: str, snapshot: HealthSnapshot) -> list
             return providers + cluster
         case Policy.SPILLOVER if cluster_overloaded(settings, model, snapshot):
             return providers + cluster
+        case _ if cluster and providers and cluster_cold(model, snapshot):
+            return providers + cluster
         case _:
             return cluster + providers
+
+
+def cluster_cold(model: str, snapshot: HealthSnapshot) -> bool:
+    """The capacity route says no replica of `model` runs (False while capacity is unknown)."""
+    capacity = snapshot.capacity.get(model)
+    return capacity is not None and capacity.cold
 
 
 def cluster_overloaded(settings: Settings, model: str, snapshot: HealthSnapshot) -> bool:
@@ -66,8 +79,16 @@ def cluster_overloaded(settings: Settings, model: str, snapshot: HealthSnapshot)
     model_limit = settings.models[model].spillover_in_flight
     if model_limit is not None and snapshot.cluster_in_flight_by_model.get(model, 0) >= model_limit:
         return True
+    capacity = snapshot.capacity.get(model)
+    running_limit = capacity.in_flight_limit if capacity is not None else None
+    if running_limit is not None and snapshot.cluster_in_flight_by_model.get(model, 0) >= running_limit:
+        return True  # the running replicas are full (or none runs): Serve would queue or answer 429 next
     limit = settings.cluster.max_in_flight
     return limit is not None and snapshot.cluster_in_flight >= limit
+
+
+_CLUSTER_FIRST = (Policy.SELF_HOSTED_FIRST, Policy.SPILLOVER)
+"""Policies that put the cluster first unless it is cold or (spillover) overloaded."""
 
 
 def plan(settings: Settings, model: str, snapshot: HealthSnapshot, exhausted: frozenset[str] = frozenset()) -> Plan:
@@ -80,8 +101,11 @@ def plan(settings: Settings, model: str, snapshot: HealthSnapshot, exhausted: fr
     steps: list[Target | Skip] = []
     deferred: list[Target] = []
     ordered = candidates(settings, model, snapshot)
-    if len(ordered) > 1 and ordered[-1].upstream == CLUSTER and settings.models[model].policy is Policy.SPILLOVER:
-        steps.append(Skip(ordered[-1], Outcome.SPILLOVER))  # counted as a fallback when a provider takes it
+    cold = any(t.upstream == CLUSTER for t in ordered) and cluster_cold(model, snapshot)
+    policy = settings.models[model].policy
+    moved = policy in _CLUSTER_FIRST and len(ordered) > 1 and ordered[-1].upstream == CLUSTER
+    if moved:  # the cluster went from first to last: counted as a fallback when a provider takes it
+        steps.append(Skip(ordered[-1], Outcome.COLD_START if cold else Outcome.SPILLOVER))
     for target in ordered:
         health = snapshot.upstreams[target.upstream]
         if target.upstream in exhausted:
@@ -96,4 +120,4 @@ def plan(settings: Settings, model: str, snapshot: HealthSnapshot, exhausted: fr
     if deferred and not any(isinstance(step, Target) for step in steps):
         steps = [s for s in steps if not (isinstance(s, Skip) and s.target in deferred)]
         steps.extend(deferred)
-    return Plan(tuple(steps))
+    return Plan(tuple(steps), cold)

@@ -203,7 +203,7 @@ def test_breaker_lifecycle():
 def test_outcome_label_values_stay_what_dashboards_and_alert_rules_select_on():
     assert {str(outcome) for outcome in Outcome} == {
         "success", "client_error", "server_error", "auth_error", "timeout", "overloaded", "connect_error",
-        "protocol_error", "unavailable", "circuit_open", "spillover", "deadline", "budget",
+        "protocol_error", "unavailable", "circuit_open", "spillover", "deadline", "budget", "cold_start",
     }
     statuses_1xx = {101: "protocol_error"}
     assert {status: str(outcome_of(status)) for status in statuses_1xx} == statuses_1xx

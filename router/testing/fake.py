@@ -16,11 +16,15 @@ from typing import Any, Self
 import uvicorn
 
 from router.asgi import Receive, Scope, Send, until_disconnect
+from router.capacity import RUNNING, WAKE
 from router.server_thread import ServerThread
+from router.settings import CapacityConfig
 
 PROMPT_TOKENS = 7
 """``usage.prompt_tokens`` of every answer."""
 
+CAPACITY_PATH = CapacityConfig().path
+"""Where the fake serves the cluster's capacity route (the default ``cluster.capacity.path``)."""
 _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "text", "/v1/embeddings": "embed"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 408: "timeout", 413: "invalid_request_error",
@@ -121,6 +125,12 @@ class FakeUpstream:
     Inference requests take the next scripted :class:`Behavior` (``default`` when none is left)
     and are recorded in ``requests``. ``GET /v1/models`` lists ``models`` with status
     ``models_status`` and counts ``probes``.
+
+    Standing in for the cluster, it also serves the capacity route (:mod:`router.capacity`) at
+    :data:`CAPACITY_PATH` while ``capacity`` is set (a plain 404 otherwise, as Serve's proxy answers
+    a route it does not have): ``capacity`` is the ``models`` mapping it answers, and a wake-up call
+    is recorded in ``wakes`` and held until ``capacity`` shows a running replica of its model or its
+    ``hold_s`` passes.
     """
 
     def __init__(
@@ -141,6 +151,11 @@ class FakeUpstream:
         self.models_hang = False
         """``GET /v1/models`` never answers (until the client leaves or the fake stops)."""
         self.probes = 0
+        self.capacity: dict[str, dict[str, int]] | None = None
+        self.capacity_reads = 0
+        self.wakes: list[str] = []
+        self.wake_status = 200
+        """Status of a wake-up call; another one answers at once with an OpenAI error."""
         self.requests: list[Received] = []
         self.port = port
         self._script: collections.deque[Behavior] = collections.deque()
@@ -208,6 +223,9 @@ class FakeUpstream:
         if scope["type"] != "http":
             return
         method = scope["method"]
+        if self.capacity is not None and scope["path"].startswith(CAPACITY_PATH):
+            await self._capacity(scope["path"], method, receive, send)
+            return
         path = next((scope["path"][len(p):] for p in self.prefixes if scope["path"].startswith(p + "/v1/")), "")
         if path == "/v1/models" and method == "GET":
             self.probes += 1
@@ -226,6 +244,34 @@ class FakeUpstream:
             await _send_body(send, status, _error(status, f"{method} {scope['path']} is not served here"))
             return
         await self._inference(kind, scope, receive, send)
+
+    async def _capacity(self, path: str, method: str, receive: Receive, send: Send) -> None:
+        assert self.capacity is not None
+        if path == CAPACITY_PATH and method == "GET":
+            self.capacity_reads += 1
+            await _send_body(send, 200, json.dumps({"models": self.capacity}).encode())
+            return
+        if path != f"{CAPACITY_PATH}/{WAKE}" or method != "POST":
+            await _send_body(send, 404, _error(404, f"{method} {path} is not served here"))
+            return
+        call = json.loads(await _read_body(receive))
+        model, hold_s = call["model"], float(call["hold_s"])
+        self.wakes.append(model)
+        if self.wake_status != 200:
+            await _send_body(send, self.wake_status, _error(self.wake_status, f"{self.name}: scripted"))
+            return
+
+        async def hold() -> None:
+            end = time.monotonic() + hold_s
+            # `capacity` is set by the test's own thread: poll it (an asyncio.Event is not thread-safe).
+            while time.monotonic() < end and not self._running(model):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+
+        if await self._until_gone(hold(), receive) == "done":
+            await _send_body(send, 200, json.dumps({"model": model, RUNNING: self._running(model)}).encode())
+
+    def _running(self, model: str) -> bool:
+        return bool((self.capacity or {}).get(model, {}).get(RUNNING))
 
     async def _hang(self, receive: Receive) -> None:
         """Answer nothing until the client leaves or the fake stops (then drop the connection)."""

@@ -81,6 +81,13 @@ def test_autoscaling_between_min_and_max() -> None:
     }
 
 
+def test_a_downscale_delay_reaches_serve_s_autoscaling_config() -> None:
+    spec = ServeSpec(source="x", replicas={"min": 0, "max": 1, "downscale_delay_s": 20})
+    assert deployment_config(spec)["autoscaling_config"]["downscale_delay_s"] == 20
+    default = deployment_config(ServeSpec(source="x", replicas={"min": 0}))
+    assert "downscale_delay_s" not in default["autoscaling_config"]
+
+
 def test_unbounded_queue_when_max_queued_requests_is_null() -> None:
     assert deployment_config(gpu(max_queued_requests=None))["max_queued_requests"] == -1
 
@@ -151,8 +158,11 @@ def test_serve_config_carries_the_serve_blocks_keyed_by_cluster_model_id() -> No
 
     config = serve_config(settings, serve_specs(settings))
     assert config["http_options"] == {"host": "0.0.0.0", "port": 8000}
-    (app,) = config["applications"]
+    app, capacity = config["applications"]
     assert (app["name"], app["route_prefix"], app["import_path"]) == (APP_NAME, "/", IMPORT_PATH)
+    assert capacity == {"name": "openweight-capacity", "route_prefix": "/openweight/capacity",
+                        "import_path": "cluster.capacity:app_from_args",
+                        "args": {"models": ["Qwen/Qwen2.5-14B", "small"]}}
     blocks = app["args"]["models"]
     assert blocks == {
         "Qwen/Qwen2.5-14B": {"source": "Qwen/Qwen2.5-14B", "tensor_parallel_size": 2},
@@ -230,3 +240,41 @@ def test_app_builder_rejects_bad_args_before_touching_ray() -> None:
         app_from_args({"models": {"m": {"source": "x", "tensor_parallel_size": 0}}})
     with pytest.raises(ConfigError, match=r"args\.models"):
         app_from_args({})
+
+
+def test_capacity_is_counted_from_the_controller_s_details_ingress_included() -> None:
+    """Replica states arrive as a str enum; a model counts as running only while its ingress runs."""
+    from enum import Enum
+
+    from cluster.capacity import capacity_of, deployment_suffix
+
+    class State(str, Enum):  # noqa: UP042 - as ray.serve._private.common.ReplicaState, whose str() is not its value
+        RUNNING = "RUNNING"
+        STARTING = "STARTING"
+
+    def deployment(target: int, *states: State) -> dict[str, Any]:
+        return {"target_num_replicas": target, "deployment_config": {"max_ongoing_requests": 64},
+                "replicas": [{"state": s} for s in states]}
+
+    model = "Qwen/Qwen2.5-7B-Instruct"
+    name = f"LLMServer:{deployment_suffix(model)}"
+    assert name == "LLMServer:Qwen--Qwen2_5-7B-Instruct"  # Ray Serve LLM's naming
+    app = {"deployments": {name: deployment(2, State.RUNNING, State.STARTING),
+                           "OpenAiIngress": deployment(1, State.RUNNING)},
+           "deployment_topology": {"ingress_deployment": "OpenAiIngress"}}
+    details = {"applications": {"openweight": app}}
+    assert capacity_of(details, [model, "absent"]) == {
+        model: {"running": 1, "starting": 1, "target": 2, "max_ongoing_requests": 64}}
+    app["deployments"]["OpenAiIngress"] = deployment(1, State.STARTING)
+    assert capacity_of(details, [model])[model]["running"] == 0
+
+
+def test_the_scale_to_zero_example_deploys_a_model_at_zero_beside_the_capacity_application() -> None:
+    settings, specs = load_cluster_config(ROOT / "deploy/examples/scale-to-zero.yaml")
+    app, capacity = serve_config(settings, specs)["applications"]
+    options = deployment_config(specs["smollm2-135m-instruct"])["autoscaling_config"]
+    assert options["min_replicas"] == options["initial_replicas"] == 0 and options["downscale_delay_s"] == 120
+    assert capacity["args"]["models"] == list(app["args"]["models"]) == ["smollm2-135m-instruct"]
+    # The local stack's direct ingress serves cluster.url from the OpenAI ingress replica: no capacity route.
+    (only,) = serve_config(settings, specs, with_capacity=False)["applications"]
+    assert only == app

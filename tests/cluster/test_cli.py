@@ -105,3 +105,17 @@ def test_cluster_status_without_an_address_or_a_config_says_what_to_set() -> Non
     done = _openweight("cluster", "status")
     assert done.returncode == 2
     assert "set RAY_ADDRESS" in _no_traceback(done, "cluster status")
+
+
+def test_cluster_status_shows_the_replicas_of_each_model_from_the_capacity_route(tmp_path: Path) -> None:
+    from router.testing import FakeUpstream
+
+    with FakeUpstream("cluster") as cluster:
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump({"cluster": {"url": cluster.url}, "models": {"m": {}}}))
+        absent = _openweight("cluster", "status", "--config", str(path))
+        cluster.capacity = {"m": {"running": 1, "starting": 2, "target": 3}}
+        shown = _openweight("cluster", "status", "--config", str(path))
+    assert absent.returncode == 0 and "no capacity route" in absent.stdout
+    assert shown.returncode == 0, shown.stderr
+    assert "  m: running 1, starting 2, target 3" in shown.stdout.splitlines()

@@ -244,6 +244,8 @@ def test_serve_config_is_what_the_code_builds(rendered: dict[str, list[Doc]], sc
     expected = yaml.safe_load(proc.stdout)
     chart = support.serve_config_of(docs)
     for app in chart["applications"]:
+        if app["import_path"] != "cluster.builder:app_from_args":
+            continue  # the capacity application: a list of model ids
         specs = parse_serve_specs(app["args"]["models"])
         app["args"]["models"] = {k: v.model_dump(mode="json", exclude_defaults=True) for k, v in specs.items()}
     assert chart == expected
@@ -267,13 +269,17 @@ def test_openweight_check_config_accepts_the_config_map(
 
 
 def test_serve_config_hosts_the_serve_blocks(rendered: dict[str, list[Doc]]) -> None:
-    """The direct data path (default): one application per model, each at the model's route."""
-    apps = support.serve_config_of(rendered["full"])["applications"]
+    """The direct data path (default): one application per model, each at the model's route, and
+    the capacity application on the Serve port."""
+    *apps, capacity = support.serve_config_of(rendered["full"])["applications"]
+    assert capacity["import_path"] == "cluster.capacity:app_from_args"
+    assert capacity["route_prefix"] == "/openweight/capacity"
     assert all(app["import_path"] == "cluster.builder:app_from_args" for app in apps)
     assert [app["route_prefix"] for app in apps] == ["/qwen-qwen2-5-7b-instruct", "/qwen2-5-14b-instruct"]
     models = {k: v for app in apps for k, v in app["args"]["models"].items()}
     assert set(models) == {"qwen2.5-14b-instruct", "Qwen/Qwen2.5-7B-Instruct"}
     assert models["qwen2.5-14b-instruct"]["tensor_parallel_size"] == 2
+    assert capacity["args"]["models"] == sorted(models)
 
 
 # --- Security --------------------------------------------------------------------------------

@@ -43,8 +43,9 @@ CLASSIC = ("--set", "cluster.config.data_path=classic")
 ])
 def test_cluster_url_joins_the_route_prefix(helm: str, prefix: str, url: str) -> None:
     docs = support.render(helm, None, "--set", f"cluster.serve.routePrefix={prefix}", *CLASSIC)
-    (app,) = support.serve_config_of(docs)["applications"]
+    app, capacity = support.serve_config_of(docs)["applications"]
     assert app["route_prefix"] == prefix
+    assert capacity["route_prefix"] == "/openweight/capacity"  # on the Serve port, beside any prefix
     assert support.config_of(docs)["cluster"]["url"] == url
 
 
@@ -55,7 +56,8 @@ def test_direct_path_routes_each_model_under_the_route_prefix(helm: str, prefix:
     docs = support.render(helm, None, "--set", f"cluster.serve.routePrefix={prefix}", *models)
     apps = support.serve_config_of(docs)["applications"]
     base = prefix.rstrip("/")
-    assert [(a["name"], a["route_prefix"]) for a in apps] == [("org-b-1", f"{base}/org-b-1"), ("a", f"{base}/a")]
+    assert [(a["name"], a["route_prefix"]) for a in apps] == [
+        ("org-b-1", f"{base}/org-b-1"), ("a", f"{base}/a"), ("openweight-capacity", "/openweight/capacity")]
     config = support.config_of(docs)
     assert config["cluster"]["url"] == f"{SERVE_URL}{base}/v1" and "data_path" not in config["cluster"]
     pod = support.one(docs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
@@ -80,8 +82,8 @@ def test_serve_config_cli_writes_the_default_route_prefix(helm: str, tmp_path: P
     exe = shutil.which("openweight", path=str(Path(sys.executable).parent)) or "openweight"
     written = yaml.safe_load(support.run([exe, "cluster", "serve-config", "--config", str(config_file)]).stdout)
     chart = support.serve_config_of(docs)
-    (chart_app,) = chart["applications"]
-    (cli_app,) = written["applications"]
+    (chart_app, chart_capacity), (cli_app, cli_capacity) = chart["applications"], written["applications"]
+    assert chart_capacity == cli_capacity
     if data_path == "classic":
         assert cli_app["route_prefix"] == "/"
         cli_app["route_prefix"] = "/llm"

@@ -50,11 +50,12 @@ def router_config(cluster: FakeUpstream, provider: FakeUpstream) -> dict[str, ob
 
 
 def test_every_openweight_name_is_exported_by_a_running_router(tmp_path: Path) -> None:
-    with (FakeUpstream("cluster", default=Behavior(status=503)) as cluster, FakeUpstream("p") as provider,
-          Router(router_config(cluster, provider), tmp_path) as router):
-        assert router.chat("m").status_code == 200
-        assert router.chat("m", stream=True).status_code == 200
-        exported = router.sample_names()
+    with FakeUpstream("cluster", default=Behavior(status=503)) as cluster, FakeUpstream("p") as provider:
+        cluster.capacity = {"m": {"running": 1, "starting": 0, "target": 1, "max_ongoing_requests": 8}}
+        with Router(router_config(cluster, provider), tmp_path) as router:
+            assert router.chat("m").status_code == 200
+            assert router.chat("m", stream=True).status_code == 200
+            exported = router.sample_names()
     wanted = {n for n in support.expected_names() if n.startswith("openweight_")}
     assert wanted, "no openweight_* name referenced"
     missing = wanted - exported

@@ -166,7 +166,7 @@ matchExpressions:
      model id the cluster serves (`cluster_model`, else the public name). With the default
      `cluster.serve` values it is what `openweight cluster serve-config` writes for the same config
      (cluster/builder.py serve_config, which always writes application `openweight`, route prefix
-     `/` and import path `cluster.builder:app_from_args`). */}}
+     `/` and import path `cluster.builder:app_from_args`, then the capacity application). */}}
 {{- define "openweight.serveConfig" -}}
 {{- $blocks := dict -}}
 {{- range $name, $model := (include "openweight.models" . | fromYaml) -}}
@@ -190,7 +190,11 @@ matchExpressions:
 {{- else -}}
 {{- $apps = list (dict "name" $serve.applicationName "route_prefix" $serve.routePrefix "import_path" $serve.importPath "args" (dict "models" $blocks)) -}}
 {{- end -}}
-{{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" (int $serve.port)) "applications" $apps -}}
+{{- /* The capacity application (cluster/capacity.py): replicas per model for the router, on the Serve port. */ -}}
+{{- $capacityPath := "/openweight/capacity" -}}
+{{- with .Values.cluster.config -}}{{- with .capacity -}}{{- with .path -}}{{- $capacityPath = . -}}{{- end -}}{{- end -}}{{- end -}}
+{{- $capacity := dict "name" "openweight-capacity" "route_prefix" $capacityPath "import_path" "cluster.capacity:app_from_args" "args" (dict "models" (keys $blocks | sortAlpha)) -}}
+{{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" (int $serve.port)) "applications" (append $apps $capacity) -}}
 {{- toYaml $config -}}
 {{- end -}}
 
