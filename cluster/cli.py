@@ -76,7 +76,7 @@ def _serve_config(args: argparse.Namespace) -> int:
 
 
 def _up_remote(args: argparse.Namespace, address: str) -> int:
-    from cluster.builder import serve_config
+    from cluster.builder import IMPORT_PATH, serve_config
     from cluster.config import load_cluster_config
     from cluster.runtime import connect, deploy_config, start_serve
 
@@ -85,7 +85,8 @@ def _up_remote(args: argparse.Namespace, address: str) -> int:
     connect(address)
     http = config["http_options"]
     start_serve(host=http["host"], port=http["port"])
-    models = [model for app in config["applications"] for model in app["args"]["models"]]
+    models = [model for app in config["applications"] if app["import_path"] == IMPORT_PATH
+              for model in app["args"]["models"]]
     print(f"deploying {', '.join(models)} to {address} ({settings.cluster.data_path.value} data path)")
     deploy_config(config, timeout_s=args.timeout)
     print(f"deployed; Serve HTTP on port {http['port']} of every node")

@@ -22,6 +22,7 @@ from typing import Any, Self
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from router.capacity_config import CapacityConfig
 from router.cluster_routes import DataPath, model_base_url, slug_conflicts, url_prefix
 from router.config_model import Strict
 from router.redaction import looks_secret, redact_url
@@ -111,38 +112,6 @@ class UpstreamConfig(Strict):
         if not url.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return url.rstrip("/")
-
-
-class CapacityConfig(Strict):
-    """The cluster's capacity route: replicas per model from Serve's own state (see router.capacity)."""
-
-    enabled: bool = Field(
-        True,
-        description="Read the capacity route with every probe; a cluster that does not answer it is "
-        "routed as if capacity were unknown (no cold-start cover, no wake-up).",
-    )
-    path: str = Field(
-        "/openweight/capacity",
-        description="Route prefix of the capacity application on the Serve HTTP port (the host and port "
-        "of `cluster.url`).",
-    )
-    wake_hold_s: float = Field(
-        60.0, gt=0,
-        description="After the last request for a model with no running replica, how long the router "
-        "keeps asking Serve to start one (a held wake-up call that Serve's autoscaler counts).",
-    )
-    waiting_comment_interval_s: float = Field(
-        5.0, gt=0,
-        description="A stream waiting for a replica (no provider) gets the SSE comment "
-        "`: waiting for a replica` this often, so proxies do not time the connection out.",
-    )
-
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, path: str) -> str:
-        if not path.startswith("/") or path == "/":
-            raise ValueError("must start with / and name a route prefix other than /")
-        return path.rstrip("/")
 
 
 class ClusterConfig(UpstreamConfig):

@@ -128,6 +128,28 @@ def test_cluster_cost_is_running_replica_hours_times_the_price(fakes):
         assert router.metric("openweight_spend_usd_total") == 0
 
 
+def test_cluster_cost_counts_the_replicas_serve_runs_from_the_capacity_route(fakes):
+    """Running and starting replicas (they hold their devices) from the capacity route, not the config's
+    floor: an autoscaled model costs what runs, and nothing at zero."""
+    cluster = fakes("cluster")
+    cluster.capacity = {MODEL: {"running": 3, "starting": 1, "target": 4, "max_ongoing_requests": 8}}
+    serve = {"source": "org/model", "replicas": {"min": 0, "max": 4}, "cost_per_replica_hour": 3600.0}
+    config = settings({}, cluster=cluster, policy="self_hosted_only", serve=serve)
+    config = config.model_copy(update={"router": config.router.model_copy(update={"probe_interval_s": 0.05})})
+    with RouterServer(config) as router:
+        before = router.metric("openweight_cluster_cost_usd_total", model=MODEL)
+        start = time.monotonic()
+        time.sleep(0.3)
+        after = router.metric("openweight_cluster_cost_usd_total", model=MODEL)
+        elapsed = time.monotonic() - start
+        assert 4 * 0.3 <= after - before <= 4 * 1.0 * (elapsed + 0.1)  # 4 replicas at USD 1 per replica-second
+        cluster.capacity = {MODEL: {"running": 0, "starting": 0, "target": 0, "max_ongoing_requests": 8}}
+        assert settled(lambda: router.metric("openweight_cluster_replicas", model=MODEL, state="target"), 0) == 0
+        at_zero = router.metric("openweight_cluster_cost_usd_total", model=MODEL)
+        time.sleep(0.3)
+        assert router.metric("openweight_cluster_cost_usd_total", model=MODEL) == at_zero
+
+
 @pytest.mark.parametrize(("where", "value", "key"), [
     ("price", -1, "models.m1.fallbacks.0.price.input_per_mtok"),
     ("price", float("nan"), "models.m1.fallbacks.0.price.input_per_mtok"),

@@ -17,8 +17,8 @@ import uvicorn
 
 from router.asgi import Receive, Scope, Send, until_disconnect
 from router.capacity import RUNNING, WAKE
+from router.capacity_config import CapacityConfig
 from router.server_thread import ServerThread
-from router.settings import CapacityConfig
 
 PROMPT_TOKENS = 7
 """``usage.prompt_tokens`` of every answer."""

@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from cluster.capacity import APP_NAME, app_from_args, deployment_suffix
+from router.capacity_config import CapacityConfig
 from router.net import free_port
-from router.settings import CapacityConfig
 from tests.cluster.support import HAS_RAY
 
 pytestmark = [pytest.mark.cluster, pytest.mark.skipif(not HAS_RAY, reason="needs Ray")]
