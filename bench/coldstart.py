@@ -17,8 +17,9 @@ stream chat answers for ``--duration-s`` seconds, one request after another:
 Between targets the suite waits until the capacity route shows the model at zero again (running 0,
 target 0). Recorded per request: when it started, its TTFT (the first chunk with content), who
 served it (``x-openweight-upstream``; ``cluster`` for Serve alone), whether the router tried the
-cluster first (``x-openweight-attempts`` > 1) and the status; the capacity route is read every
-0.5 s for when a replica was ready. After a failed request a client pauses 1 s.
+cluster (it served it, or ``x-openweight-attempts`` > 1) and the status. The capacity route is read
+every 0.5 s, from before the router starts, for when the model woke and when a replica was ready.
+After a failed request a client pauses 1 s.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -46,11 +48,18 @@ PROVIDER_S = 10.0
 POLL_S = 0.5
 ERROR_PAUSE_S = 1.0
 
+NOTES = """TTFT in ms (the first chunk with content). cluster: requests the cluster served; waited: requests started
+before the replica was ready that went to the cluster (first); cold: requests started before the first
+cluster-served answer arrived, after: the rest; woke s: the capacity route first showed a replica running,
+starting or aimed for (negative: before the load began, while the router started); ready s: it first showed
+one running; cluster s: the first cluster-served answer's first token; back s: from ready to the start of the
+first request the cluster served after it. Seconds from the start of each target's load."""
+
 COLUMNS = [
     Column("target", "target", 18), Column("requests", "requests", 8), Column("cluster", "cluster", 7),
     Column("waited", "waited", 6), Column("cold_ttft_p50_ms", "cold p50", 9, 0),
     Column("cold_ttft_p99_ms", "cold p99", 9, 0), Column("after_ttft_p50_ms", "after p50", 9, 0),
-    Column("ready_s", "ready s", 7, 1), Column("first_cluster_s", "cluster s", 9, 1),
+    Column("woke_s", "woke s", 6, 1), Column("ready_s", "ready s", 7, 1), Column("first_cluster_s", "cluster s", 9, 1),
     Column("back_after_ready_s", "back s", 6, 1), Column("errors", "errors", 6),
 ]
 
@@ -111,7 +120,8 @@ async def _ask(session: aiohttp.ClientSession, url: str, body: bytes, served_by:
             record["status"] = r.status
             if served_by is None:
                 record["upstream"] = r.headers.get("x-openweight-upstream")
-                record["tried_cluster"] = int(r.headers.get("x-openweight-attempts", "1")) > 1
+                tried = int(r.headers.get("x-openweight-attempts", "1")) > 1
+                record["tried_cluster"] = record["upstream"] == "cluster" or tried
             async for line in r.content:
                 if record["ttft_ms"] is None and line.startswith(b"data: {") and _has_content(line):
                     record["ttft_ms"] = round((time.perf_counter() - begin) * 1000, 1)
@@ -125,14 +135,32 @@ async def _ask(session: aiohttp.ClientSession, url: str, body: bytes, served_by:
     return record
 
 
-async def _load(url: str, body: bytes, clients: int, duration_s: float, served_by: str | None,
-                capacity: tuple[str, str] | None) -> tuple[list[dict[str, Any]], list[list[float]]]:
-    """``clients`` clients for ``duration_s``; the requests, and the capacity route's (t, running,
-    starting, target) every :data:`POLL_S` while they ran."""
+class Watch(threading.Thread):
+    """Reads the capacity route every :data:`POLL_S` until stopped: (perf_counter, running, starting, target)."""
+
+    def __init__(self, url: str, model_id: str) -> None:
+        super().__init__(name="capacity watch", daemon=True)
+        self.where = (url, model_id)
+        self.samples: list[tuple[float, int, int, int]] = []
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            if (now := _capacity(*self.where)) is not None:
+                self.samples.append((time.perf_counter(), now["running"], now["starting"], now["target"]))
+            self.stopped.wait(POLL_S)
+
+    def since(self, started: float) -> list[list[float]]:
+        """The samples with seconds from ``started`` (negative: before it)."""
+        return [[round(t - started, 2), *counts] for t, *counts in self.samples]
+
+
+async def _load(url: str, body: bytes, clients: int, duration_s: float,
+                served_by: str | None) -> tuple[list[dict[str, Any]], float]:
+    """``clients`` clients for ``duration_s``; the requests, and when they began (perf_counter)."""
     started = time.perf_counter()
     until = started + duration_s
     requests: list[dict[str, Any]] = []
-    replicas: list[list[float]] = []
 
     async def client() -> None:
         async with client_session(timeout_s=900) as session:
@@ -142,20 +170,8 @@ async def _load(url: str, body: bytes, clients: int, duration_s: float, served_b
                 if not record["ok"]:
                     await asyncio.sleep(ERROR_PAUSE_S)
 
-    async def watch() -> None:
-        while capacity is not None:
-            now = await asyncio.to_thread(_capacity, *capacity)
-            if now is not None:
-                replicas.append([round(time.perf_counter() - started, 2), now["running"], now["starting"],
-                                 now["target"]])
-            await asyncio.sleep(POLL_S)
-
-    watcher = asyncio.create_task(watch())
-    try:
-        await asyncio.gather(*(client() for _ in range(clients)))
-    finally:
-        watcher.cancel()
-    return sorted(requests, key=lambda r: r["t_s"]), replicas
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return sorted(requests, key=lambda r: r["t_s"]), started
 
 
 def _ms(values: list[float], q: float) -> float | None:
@@ -168,6 +184,7 @@ def summarize(target: str, requests: list[dict[str, Any]], replicas: list[list[f
     cluster = [r for r in ok if r["upstream"] == "cluster"]
     first = min((r["t_s"] + r["ttft_ms"] / 1000 for r in cluster), default=None)
     ready = next((t for t, running, *_ in replicas if running >= 1), None)
+    woke = next((t for t, running, starting, target in replicas if max(running, starting, target) >= 1), None)
     cold = [r["ttft_ms"] for r in ok if first is None or r["t_s"] < first]
     after = [r["ttft_ms"] for r in ok if first is not None and r["t_s"] >= first]
     back = min((r["t_s"] for r in cluster if ready is not None and r["t_s"] >= ready), default=None)
@@ -175,7 +192,7 @@ def summarize(target: str, requests: list[dict[str, Any]], replicas: list[list[f
         "target": target, "requests": len(requests), "cluster": len(cluster),
         "waited": sum(r["tried_cluster"] for r in requests if ready is None or r["t_s"] < ready),
         "cold_ttft_p50_ms": _ms(cold, 0.5), "cold_ttft_p99_ms": _ms(cold, 0.99),
-        "after_ttft_p50_ms": _ms(after, 0.5), "ready_s": ready,
+        "after_ttft_p50_ms": _ms(after, 0.5), "woke_s": woke, "ready_s": ready,
         "first_cluster_s": round(first, 2) if first is not None else None,
         "back_after_ready_s": round(back - ready, 2) if back is not None and ready is not None else None,
         "errors": len(requests) - len(ok), "requests_log": requests, "replicas": replicas,
@@ -215,14 +232,21 @@ def _target(target: str, config: dict[str, Any], direct_url: str, capacity: tupl
     print(f"{target}: waiting for zero replicas", flush=True)
     waited = _wait_for_zero(*capacity)
     print(f"{target}: at zero after {waited:.0f} s; {args.clients} clients for {args.duration_s:.0f} s", flush=True)
-    if target == "serve":
-        requests, replicas = asyncio.run(_load(f"{direct_url}/chat/completions", body, args.clients,
-                                               args.duration_s, "cluster", capacity))
-    else:
-        port = free_port()
-        with openweight(_router_config(config, target, args.probe_interval_s), port, tmp, log):
-            requests, replicas = asyncio.run(_load(f"http://127.0.0.1:{port}/v1/chat/completions", body,
-                                                   args.clients, args.duration_s, None, capacity))
+    watch = Watch(*capacity)
+    watch.start()
+    try:
+        if target == "serve":
+            requests, started = asyncio.run(_load(f"{direct_url}/chat/completions", body, args.clients,
+                                                  args.duration_s, "cluster"))
+        else:
+            port = free_port()
+            with openweight(_router_config(config, target, args.probe_interval_s), port, tmp, log):
+                requests, started = asyncio.run(_load(f"http://127.0.0.1:{port}/v1/chat/completions", body,
+                                                      args.clients, args.duration_s, None))
+    finally:
+        watch.stopped.set()
+        watch.join()
+    replicas = watch.since(started)
     row = summarize(target, requests, replicas)
     print(report.table([row], COLUMNS), flush=True)
     return row
@@ -245,7 +269,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with fake_upstream(fallback, log, chunks=args.max_tokens, chunk_delay_s=args.provider_chunk_delay_s,
                            delay_before_headers_s=args.provider_ttft_s), local_stack(path, log) as stack:
             own, _ = asyncio.run(_load(f"http://127.0.0.1:{fallback}/v1/chat/completions", body, args.clients,
-                                       PROVIDER_S, "provider", None))
+                                       PROVIDER_S, "provider"))
             ttfts = [r["ttft_ms"] for r in own if r["ok"]]
             result["provider"] = {"requests": len(own), "ttft_p50_ms": _ms(ttfts, 0.5),
                                   "ttft_p99_ms": _ms(ttfts, 0.99)}
@@ -259,11 +283,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["checks"] = checks(result["rows"], result["provider"], args.probe_interval_s)
     result["failed"] = any(r["errors"] for r in result["rows"] if r["target"] == "router-capacity")
     text = report.table(result["rows"], COLUMNS) + "\n\n" + "\n".join(result["checks"])
-    text += ("\n\nTTFT in ms (first chunk with content); cluster: requests served by the cluster; waited: requests "
-             "started before the\nreplica was ready that went to the cluster first; cold: started before the first "
-             "cluster-served answer arrived,\nafter: the rest; ready s: the capacity route first showed a running "
-             "replica; cluster s: the first cluster-served\nanswer's first token; back s: from ready to the start of "
-             "the first request the cluster served after it.\nSeconds from the start of each target's load.")
+    text += "\n\n" + NOTES
     report.finish(result, text, args.out, chart if args.chart else None)
     return result
 

@@ -190,7 +190,7 @@ def test_coldstart_splits_requests_at_the_first_cluster_answer(tmp_path: Path) -
     requests = [asked(0.0, 300.0, "fallback"), asked(5.0, 320.0, "fallback"), asked(12.0, 150.0, "cluster", True),
                 asked(13.0, 100.0, "cluster", True), asked(14.0, None, "cluster", True)]
     row = coldstart.summarize("router-capacity", requests, [[0.0, 0, 1, 1], [10.0, 1, 0, 1]])
-    assert (row["ready_s"], row["first_cluster_s"], row["back_after_ready_s"]) == (10.0, 12.15, 2.0)
+    assert (row["woke_s"], row["ready_s"], row["first_cluster_s"], row["back_after_ready_s"]) == (0.0, 10.0, 12.15, 2.0)
     assert (row["cold_ttft_p50_ms"], row["cold_ttft_p99_ms"], row["after_ttft_p50_ms"]) == (300.0, 320.0, 100.0)
     assert (row["requests"], row["cluster"], row["waited"], row["errors"]) == (5, 2, 0, 1)
     lines = coldstart.checks([row], {"ttft_p99_ms": 200.0}, probe_interval_s=5.0)
@@ -207,7 +207,7 @@ def test_coldstart_clients_time_the_first_content_chunk() -> None:
 
     body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
     with FakeUpstream("provider", default=Behavior(chunks=3, delay_before_headers_s=0.1)) as fake:
-        requests, replicas = asyncio.run(coldstart._load(f"{fake.url}/chat/completions", body, 2, 0.3, None, None))
-    assert requests and replicas == []
+        requests, _ = asyncio.run(coldstart._load(f"{fake.url}/chat/completions", body, 2, 0.3, None))
+    assert requests
     assert all(r["ok"] and r["ttft_ms"] >= 100 and r["status"] == 200 for r in requests)
     assert {r["upstream"] for r in requests} == {None}  # no x-openweight-upstream: not through the router
