@@ -6,8 +6,9 @@ A package of its own, above the router and the cluster side (it starts both), in
 
 Suites: ``overhead`` (openweight and LiteLLM against a fast fake upstream), ``failover`` (time to
 first token while the cluster refuses, hangs or answers 503, and back), ``e2e`` (the local stack
-against vLLM's own server), ``soak`` (a vLLM replica killed under load). ``router`` is ``overhead``
-without LiteLLM.
+against vLLM's own server), ``soak`` (a vLLM replica killed under load), ``coldstart`` (a model
+scaled to zero: Serve alone and the router without and with capacity awareness). ``router`` is
+``overhead`` without LiteLLM.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ _SUITES = {
     "failover": ("bench.failover", "time to first token while the cluster refuses, hangs or answers 503"),
     "e2e": ("bench.e2e", "tokens/s and TTFT through the local stack vs vLLM's own server"),
     "soak": ("bench.soak", "steady streaming load while the vLLM replica is killed"),
+    "coldstart": ("bench.coldstart", "time to first token while a model scaled to zero starts again"),
 }
 
 

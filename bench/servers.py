@@ -23,10 +23,13 @@ FALLBACK = "fallback"
 
 @contextlib.contextmanager
 def fake_upstream(port: int, log: IO[bytes], *, chunks: int = 100, chunk_delay_s: float = 0.0,
-                  status: int = 200, hang: bool = False) -> Iterator[subprocess.Popen[bytes]]:
-    """``python -m router.testing`` on 127.0.0.1:``port`` (``status``/``hang``: a failing one)."""
+                  status: int = 200, hang: bool = False,
+                  delay_before_headers_s: float = 0.0) -> Iterator[subprocess.Popen[bytes]]:
+    """``python -m router.testing`` on 127.0.0.1:``port`` (``status``/``hang``: a failing one;
+    ``delay_before_headers_s``: a slow first token)."""
     argv = [sys.executable, "-m", "router.testing", "--port", str(port), "--chunks", str(chunks),
-            "--chunk-delay-s", str(chunk_delay_s), "--model", MODEL, "--status", str(status)]
+            "--chunk-delay-s", str(chunk_delay_s), "--model", MODEL, "--status", str(status),
+            "--delay-before-headers-s", str(delay_before_headers_s)]
     if hang:
         argv.append("--hang")
     # A failing fake answers no 200 (or nothing at all): accepting connections is ready enough.

@@ -120,7 +120,7 @@ def test_failover_report_shape(tmp_path: Path) -> None:
         assert row["recovery_s"] is not None
 
 
-@pytest.mark.parametrize("suite", ["overhead", "router", "failover", "e2e", "soak"])
+@pytest.mark.parametrize("suite", ["overhead", "router", "failover", "e2e", "soak", "coldstart"])
 def test_every_suite_has_a_command(suite: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["bench", suite, "--help"])
@@ -178,3 +178,36 @@ def test_soak_reads_resumes_and_the_resume_gap_from_a_metrics_page() -> None:
     assert histogram_quantile(page, "openweight_stream_resume_gap_seconds", 0.5) == 0.3
     assert histogram_quantile(page, "openweight_stream_resume_gap_seconds", 0.99) == 0.5
     assert histogram_quantile("", "openweight_stream_resume_gap_seconds", 0.5) is None
+
+
+def test_coldstart_splits_requests_at_the_first_cluster_answer(tmp_path: Path) -> None:
+    from bench import coldstart
+
+    def asked(t_s: float, ttft_ms: float | None, upstream: str, tried: bool = False) -> dict[str, object]:
+        return {"t_s": t_s, "ttft_ms": ttft_ms, "upstream": upstream, "tried_cluster": tried,
+                "status": 200 if ttft_ms else 503, "ok": ttft_ms is not None}
+
+    requests = [asked(0.0, 300.0, "fallback"), asked(5.0, 320.0, "fallback"), asked(12.0, 150.0, "cluster", True),
+                asked(13.0, 100.0, "cluster", True), asked(14.0, None, "cluster", True)]
+    row = coldstart.summarize("router-capacity", requests, [[0.0, 0, 1, 1], [10.0, 1, 0, 1]])
+    assert (row["woke_s"], row["ready_s"], row["first_cluster_s"], row["back_after_ready_s"]) == (0.0, 10.0, 12.15, 2.0)
+    assert (row["cold_ttft_p50_ms"], row["cold_ttft_p99_ms"], row["after_ttft_p50_ms"]) == (300.0, 320.0, 100.0)
+    assert (row["requests"], row["cluster"], row["waited"], row["errors"]) == (5, 2, 0, 1)
+    lines = coldstart.checks([row], {"ttft_p99_ms": 200.0}, probe_interval_s=5.0)
+    assert "1.60x the provider's own" in lines[0] and "met" in lines[0] and "2.0 s after" in lines[1]
+    result = {"rows": [row], "provider": {"ttft_p99_ms": 200.0}, "date": "2026-12-06", "settings": {"clients": 2}}
+    coldstart.chart(result).savefig(tmp_path / "coldstart.png")
+
+
+def test_coldstart_clients_time_the_first_content_chunk() -> None:
+    import asyncio
+
+    from bench import coldstart
+    from router.testing import Behavior, FakeUpstream
+
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    with FakeUpstream("provider", default=Behavior(chunks=3, delay_before_headers_s=0.1)) as fake:
+        requests, _ = asyncio.run(coldstart._load(f"{fake.url}/chat/completions", body, 2, 0.3, None))
+    assert requests
+    assert all(r["ok"] and r["ttft_ms"] >= 100 and r["status"] == 200 for r in requests)
+    assert {r["upstream"] for r in requests} == {None}  # no x-openweight-upstream: not through the router
