@@ -25,6 +25,9 @@ from router.settings import Settings
 from router.spend_config import Budget, Period
 from router.state import NANO_USD, SCOPE_KEY, SCOPE_PROVIDER, SCOPES, StateError, period_id
 
+SCAN_TIMEOUT_S = 30.0
+"""Longest the listing of spend keys in Redis may take."""
+
 Row = dict[str, Any]
 
 
@@ -48,11 +51,12 @@ async def from_redis(settings: Settings, now: float) -> list[Row]:
     limits = budgets(settings)
     try:
         names: dict[str, set[str]] = {scope: {n for s, n in limits if s == scope} for scope in SCOPES}
-        for scope in SCOPES:
-            for period in Period:
-                pattern = state.spent_key(scope, "*", period_id(period, now)).replace("%2A", "*")
-                async for key in state.client.scan_iter(match=pattern, count=500):
-                    names[scope].add(unquote(key.decode().split(":")[-2]))
+        async with asyncio.timeout(SCAN_TIMEOUT_S):  # the client bounds single calls only (RedisState._call)
+            for scope in SCOPES:
+                for period in Period:
+                    pattern = state.spent_key(scope, "*", period_id(period, now)).replace("%2A", "*")
+                    async for key in state.client.scan_iter(match=pattern, count=500):
+                        names[scope].add(unquote(key.decode().split(":")[-2]))
         rows = []
         for scope in SCOPES:
             ordered = sorted(names[scope])
@@ -62,6 +66,8 @@ async def from_redis(settings: Settings, now: float) -> list[Row]:
         return rows
     except RedisError as exc:
         raise StateError(f"redis: {type(exc).__name__}") from None
+    except TimeoutError:
+        raise StateError(f"redis: the key scan took over {SCAN_TIMEOUT_S:g} s") from None
     finally:
         await state.aclose()
 

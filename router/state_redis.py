@@ -138,7 +138,7 @@ class RedisState:
         self._timeout = config.timeout_s
         self.client: aioredis.Redis = client or aioredis.Redis.from_url(
             config.redis_url or "",
-            socket_timeout=config.timeout_s,
+            socket_timeout=None,  # each call is bounded as a whole (_call): no second timer per read and write
             socket_connect_timeout=config.timeout_s,
             max_connections=config.max_connections,
             retry=Retry(NoBackoff(), 0),  # a failure is reported at once: the caller fails open or closed
