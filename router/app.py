@@ -29,7 +29,7 @@ from router.settings import CLUSTER, Settings, UpstreamConfig
 from router.spend import Spend
 from router.state import LocalState, StateStore
 from router.upstreams.base import Upstream
-from router.upstreams.cluster import cluster_upstream
+from router.upstreams.cluster import PerModelCluster, cluster_upstream
 from router.upstreams.http import provider_upstream
 
 log = logging.getLogger("openweight.router")
@@ -178,6 +178,8 @@ def create_app(
 
     clock = clock or time.monotonic
     capacity = CapacityProbe(settings) if CLUSTER in upstreams and settings.cluster.capacity.enabled else None
+    if capacity is not None and isinstance(cluster := upstreams[CLUSTER], PerModelCluster):
+        cluster.capacity = capacity
     health = Health(
         {name: upstream_config(settings, name).circuit for name in upstreams}, clock, on_change, capacity
     )

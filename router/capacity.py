@@ -147,6 +147,12 @@ class CapacityProbe:
                 log.warning("capacity route %s: %s; capacity unknown until it answers", self._url, exc)
             self.models, self.answered = {}, False
 
+    def idle(self, model_id: str) -> bool:
+        """The route says no replica of the cluster model `model_id` runs (False while unknown)."""
+        name = self._public.get(model_id)
+        capacity = self.models.get(name) if name is not None else None
+        return capacity is not None and capacity.cold
+
     async def wake(self, model_id: str, hold_s: float) -> bool:
         """Hold one wake-up call for `model_id` up to `hold_s` s; whether a replica took it."""
         timeout = aiohttp.ClientTimeout(total=hold_s + self._timeout_s)

@@ -205,8 +205,9 @@ class Health:
 
     async def probe_once(self, upstreams: Mapping[str, Upstream]) -> None:
         names = list(upstreams)
-        refresh = self.capacity.refresh() if self.capacity is not None else asyncio.sleep(0)
-        _, results = await asyncio.gather(refresh, asyncio.gather(*(upstreams[n].probe() for n in names)))
+        if self.capacity is not None:  # first: the cluster's probe leaves out models with no replica
+            await self.capacity.refresh()
+        results = await asyncio.gather(*(upstreams[n].probe() for n in names))
         for name, ok in zip(names, results, strict=True):
             self.breakers[name].probed(ok)
         self.publish()

@@ -127,3 +127,18 @@ def test_a_route_that_refuses_wake_up_calls_is_asked_once_a_second_at_most(fakes
         assert client.post("/v1/chat/completions", json=chat()).headers["x-openweight-upstream"] == "prov"
         time.sleep(1.5)
     assert 1 <= len(cluster.wakes) <= 3
+
+
+def test_the_prober_leaves_a_model_at_zero_alone_on_the_direct_path(fakes):
+    """A GET on the application of a model with no replica is held by Serve and counted as load (it
+    would start a replica): the prober reads the capacity route and probes only models that run."""
+    cluster = fakes("cluster", prefixes=("/m1",))
+    cluster.capacity = {MODEL: dict(AT_ZERO)}
+    settings = make_settings(cluster, router={"probe_interval_s": PROBE_S},
+                             cluster_extra={"data_path": "direct", "probe": True})
+    with RouterServer(settings) as router:
+        assert _until(lambda: cluster.capacity_reads >= 4)
+        assert cluster.probes == 0 and cluster.wakes == []
+        assert router.metric("openweight_upstream_up", upstream="cluster") == 1  # Serve answers: up
+        cluster.capacity = {MODEL: dict(RUNNING)}
+        assert _until(lambda: cluster.probes >= 1)  # GET /m1/v1/models once a replica runs

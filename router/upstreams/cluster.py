@@ -7,6 +7,9 @@
   sends each request to the one its target names; to the rest of the router it is still the one
   upstream ``cluster`` (one circuit, one set of metrics labels).
 
+The prober leaves out a model whose capacity says no replica runs: Serve holds a request for such a
+model's application until a replica has started and counts it as load, so a probe would start one.
+
 A request for a model id the cluster does not host (none in a valid config: the policy only sends
 configured models) fails as a client error would, without a connection.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
+from router.capacity import CapacityProbe
 from router.cluster_routes import DataPath
 from router.errors import UpstreamError, UpstreamSaturated
 from router.settings import CLUSTER, ClusterConfig, Settings
@@ -34,6 +38,8 @@ class PerModelCluster:
                                    request_timeout_s=config.request_timeout_s)
             for model_id, base in bases.items()
         }
+        self.capacity: CapacityProbe | None = None
+        """Replica counts per model (set by the app when the capacity route is read)."""
 
     @property
     def in_flight(self) -> int:
@@ -50,10 +56,13 @@ class PerModelCluster:
         return await upstream.send(request, timeout_s)
 
     async def probe(self) -> bool:
-        """Up while any model's application answers its model list (the circuit is the cluster's)."""
-        if not self.by_model:
-            return False
-        return any(await asyncio.gather(*(up.probe() for up in self.by_model.values())))
+        """Up while any model's application answers its model list (the circuit is the cluster's), or,
+        when no model has a running replica, while the capacity route answers."""
+        capacity = self.capacity
+        probed = [up for model_id, up in self.by_model.items() if capacity is None or not capacity.idle(model_id)]
+        if not probed:
+            return bool(self.by_model) and capacity is not None and bool(capacity.answered)
+        return any(await asyncio.gather(*(up.probe() for up in probed)))
 
     async def aclose(self) -> None:
         await asyncio.gather(*(up.aclose() for up in self.by_model.values()))

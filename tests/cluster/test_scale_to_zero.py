@@ -101,6 +101,8 @@ def test_cover_wake_return_engine_killed_and_back_to_zero(stack: Stack) -> None:
     from bench.stack import engine_processes
 
     assert stack.replicas()["running"] == 0  # the stack came up without waiting for a replica
+    time.sleep(5)  # five probe rounds of the router: they do not wake the model
+    assert stack.replicas()["target"] == 0
     started = time.monotonic()
     first = stack.ask()
     print(f"\nfirst request at zero: {time.monotonic() - started:.2f} s from {first.headers[UPSTREAM]}")
@@ -126,5 +128,7 @@ def test_cover_wake_return_engine_killed_and_back_to_zero(stack: Stack) -> None:
 
     # Idle: Serve takes the model back to zero, and the provider covers again.
     until(lambda: (now := stack.replicas())["running"] == 0 and now["target"] == 0, timeout_s=400, every_s=2)
+    time.sleep(5)  # and it stays there while the router probes
+    assert stack.replicas()["target"] == 0
     covered = stack.ask()
     assert covered.headers[UPSTREAM] == "provider" and covered.headers["x-openweight-attempts"] == "1"
