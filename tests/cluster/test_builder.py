@@ -218,3 +218,14 @@ def test_omp_threads_bind_gives_each_rank_its_share_of_the_cores(cpus: list[int]
     from cluster.engine_hooks import omp_threads_bind
 
     assert omp_threads_bind(cpus, ranks) == bind
+
+
+def test_cpu_pipeline_stages_trace_once_instead_of_eager_so_later_stages_get_their_buffers() -> None:
+    spec = ServeSpec(source="builtin:smollm2-135m-instruct", accelerator="cpu", pipeline_parallel_size=2)
+    assert spec.engine_kwargs["enforce_eager"] is False
+    assert spec.engine_kwargs["compilation_config"] == {"mode": 2, "backend": "eager"}
+    tp3 = ServeSpec(source="builtin:smollm2-135m-instruct", accelerator="cpu", tensor_parallel_size=3)
+    assert tp3.engine_kwargs["enforce_eager"] is True and "compilation_config" not in tp3.engine_kwargs
+    own = ServeSpec(source="builtin:smollm2-135m-instruct", accelerator="cpu", pipeline_parallel_size=2,
+                    engine_args={"compilation_config": {"mode": 3}})  # fmt: skip
+    assert own.engine_kwargs["compilation_config"] == {"mode": 3} and own.engine_kwargs["enforce_eager"] is True
