@@ -76,7 +76,7 @@ class Cluster:
             f"--min-worker-port={low}", f"--max-worker-port={low + _WORKER_PORTS}",
         ]  # fmt: skip
         if head:
-            args += [f"--port={self.gcs_port}", f"--temp-dir={self.temp_dir}", "--include-dashboard=false"]
+            args += ["--head", f"--port={self.gcs_port}", f"--temp-dir={self.temp_dir}", "--include-dashboard=false"]
         else:
             args += [f"--address={self.address}"]
         log = self.temp_dir.parent / f"node-{len(self.nodes)}.log"
@@ -86,9 +86,10 @@ class Cluster:
         self.nodes.append(node)
         return node
 
-    def alive_nodes(self) -> list[dict[str, Any]]:
+    def alive_nodes(self, timeout_s: float = 120.0) -> list[dict[str, Any]]:
         """``ray.nodes()`` of the live nodes, read by a driver of its own."""
-        return list(driver(self, "print(json.dumps([n for n in ray.nodes() if n['Alive']], default=str))"))
+        code = "print(json.dumps([n for n in ray.nodes() if n['Alive']], default=str))"
+        return list(driver(self, code, timeout_s=timeout_s))
 
     def wait_nodes(self, count: int, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -97,9 +98,9 @@ class Cluster:
                 if node.process.poll() is not None:
                     raise RuntimeError(f"a Ray node exited: {node.log.read_text()[-2000:]}")
             try:
-                if len(self.alive_nodes()) >= count:
+                if len(self.alive_nodes(timeout_s=30)) >= count:
                     return
-            except subprocess.CalledProcessError:
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
                 pass  # the head is not up yet
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{count} Ray nodes did not join in {timeout_s:.0f} s")
