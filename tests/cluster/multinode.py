@@ -158,8 +158,10 @@ def driver(cluster: Cluster, code: str, timeout_s: float = 120.0) -> Any:
     """Run ``code`` in a fresh driver of ``cluster`` (``ray`` and ``json`` imported); parse its last line."""
     done = subprocess.run(
         [sys.executable, "-c", _DRIVER + code, cluster.address],
-        env=cluster.env, capture_output=True, text=True, timeout=timeout_s, check=True,
+        env=cluster.env, capture_output=True, text=True, timeout=timeout_s,
     )  # fmt: skip
+    if done.returncode:
+        raise subprocess.CalledProcessError(done.returncode, "ray driver", done.stdout, done.stderr[-3000:])
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -167,11 +169,13 @@ def placement_groups(cluster: Cluster) -> list[dict[str, Any]]:
     """Every created placement group: name, strategy, bundles and each bundle's node (and CPUs)."""
     code = """
 cpus = {n["NodeID"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
-print(json.dumps([
-    {"name": pg["name"], "strategy": pg["strategy"], "bundles": list(pg["bundles"].values()),
-     "nodes": [pg["bundles_to_node_id"][i] for i in sorted(pg["bundles_to_node_id"])],
-     "node_cpus": [cpus.get(pg["bundles_to_node_id"][i]) for i in sorted(pg["bundles_to_node_id"])]}
-    for pg in placement_group_table().values() if pg["state"] == "CREATED"
-]))
+groups = []
+for pg in placement_group_table().values():
+    if pg["state"] != "CREATED":
+        continue
+    nodes = [pg["bundles_to_node_id"].get(i) for i in sorted(pg["bundles"])]
+    groups.append({"name": pg["name"], "strategy": pg["strategy"], "bundles": list(pg["bundles"].values()),
+                   "nodes": nodes, "node_cpus": [cpus.get(n) for n in nodes]})
+print(json.dumps(groups))
 """
     return list(driver(cluster, code))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,11 +68,15 @@ class Deployer:
                 out.append(response.json()["choices"][0]["message"]["content"])
         return out
 
-    def replica_group(self) -> dict[str, Any]:
-        """The placement group of the model's one replica."""
-        groups = [g for g in placement_groups(self.cluster) if "LLMServer" in g["name"] or MODEL in g["name"]]
-        assert len(groups) == 1, placement_groups(self.cluster)
-        return groups[0]
+    def replica_group(self, timeout_s: float = 60.0) -> dict[str, Any]:
+        """The placement group of the model's one replica (once the replaced replica's is gone)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            groups = [g for g in placement_groups(self.cluster) if "LLMServer" in g["name"]]
+            if len(groups) == 1 or time.monotonic() > deadline:
+                assert len(groups) == 1, groups
+                return groups[0]
+            time.sleep(2)
 
 
 @pytest.fixture(scope="module")
