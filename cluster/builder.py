@@ -21,6 +21,7 @@ the models.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,6 +35,7 @@ from router.settings import Settings
 APP_NAME = "openweight"
 ROUTE_PREFIX = "/"
 IMPORT_PATH = "cluster.builder:app_from_args"
+DIRECT_STREAMING_ENV = "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING"
 BACKPRESSURE_STATUS = 429
 REPLICA_SETUP_CALLBACK = "cluster.engine_hooks:ReplicaSetup"
 """Replica hook, run on the replica's node: prepares a built-in model there, skips Ray's per-node
@@ -119,11 +121,19 @@ def cluster_specs(settings: Settings, specs: Mapping[str, ServeSpec]) -> dict[st
     return {settings.cluster_model_id(name): spec for name, spec in specs.items()}
 
 
+INGRESS_OPTIONS: dict[str, Any] = {"ray_actor_options": {"num_cpus": 0}}
+"""The OpenAI ingress reserves no CPU (Serve's default is one): it only relays, and a CPU it held
+on a worker node would be missing from a replica's placement group there (a head with one CPU and
+a 3-CPU worker could then not hold a TP=3 replica)."""
+
+
 def build_app(configs: list[Any]) -> Any:
     """The Serve application (OpenAI ingress + one LLMServer per model). Needs a connected Ray."""
     from ray.serve.llm import build_openai_app
 
-    return build_openai_app({"llm_configs": configs})
+    if os.environ.get(DIRECT_STREAMING_ENV) == "1":  # the replica is the ingress: no options of its own
+        return build_openai_app({"llm_configs": configs})
+    return build_openai_app({"llm_configs": configs, "ingress_deployment_config": INGRESS_OPTIONS})
 
 
 def app_from_args(args: dict[str, Any]) -> Any:
