@@ -13,6 +13,7 @@ and PP=2 both land on the 3-CPU worker node, and the head (1 CPU) cannot hold ei
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -79,13 +80,20 @@ class Deployer:
             time.sleep(2)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
+    # SIGTERM (a `timeout` around the run) stops the nodes too, as Ctrl-C does.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     two_nodes = start_cluster([1, 3])
     try:
         yield two_nodes
     finally:
         two_nodes.stop()
+        signal.signal(signal.SIGTERM, previous)
 
 
 @pytest.fixture(scope="module")
