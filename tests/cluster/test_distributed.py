@@ -45,7 +45,9 @@ class Deployer:
     def up(self, **serve: Any) -> None:
         """``openweight cluster up`` of the built-in model with ``serve`` (replaces what was deployed)."""
         block = {"source": f"builtin:{MODEL}", "accelerator": "cpu", "replicas": {"min": 1, "max": 1}, **serve}
-        config = {"cluster": {"url": self.url}, "models": {MODEL: {"serve": block}}}
+        # The classic data path: these nodes run without Serve's HAProxy, which the direct path needs
+        # (RAY_SERVE_ENABLE_HA_PROXY=1 in `ray start`'s environment on a real cluster).
+        config = {"cluster": {"url": self.url, "data_path": "classic"}, "models": {MODEL: {"serve": block}}}
         path = self.folder / "config.yaml"
         path.write_text(yaml.safe_dump(config))
         done = subprocess.run(
