@@ -25,6 +25,7 @@ _SUITES = {
     "failover": ("bench.failover", "time to first token while the cluster refuses, hangs or answers 503"),
     "e2e": ("bench.e2e", "tokens/s and TTFT through the local stack vs vLLM's own server"),
     "soak": ("bench.soak", "steady streaming load while the vLLM replica is killed"),
+    "parallel": ("bench.parallel", "tokens/s and TTFT of the engine: one shard vs TP=3 vs PP=2 (CPU)"),
 }
 
 

@@ -53,6 +53,16 @@ actor stream and the ingress replica on its own; in groups of four those cost 30
 token, which on a small machine goes to the engine instead (see docs/performance.md, the e2e figures).
 ``engine_args`` overrides each (``stream_interval: 1`` streams every token)."""
 
+CPU_PIPELINE_EAGER: dict[str, Any] = {"mode": 2, "backend": "eager"}
+"""``compilation_config`` that stands for ``enforce_eager`` on CPU when PP > 1: traced once by
+dynamo, run by torch's eager backend (no inductor, so start-up stays about as fast as eager).
+vLLM 0.32 allocates a later pipeline stage's buffer for the activations it receives only in the
+warm-up pass, and its CPU runner skips that pass in eager mode (``CompilationMode.NONE``:
+vllm/v1/worker/cpu_model_runner.py ``warming_up_model``), so with ``enforce_eager`` the first
+request kills the engine (``assert self.intermediate_tensors is not None`` in
+vllm/v1/worker/gpu_model_runner.py ``sync_and_gather_intermediate_tensors``). Mode 2 is
+``CompilationMode.DYNAMO_TRACE_ONCE``."""
+
 CPU_ENV_DEFAULTS: dict[str, str] = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     # vLLM's automatic OpenMP binding keeps one core per rank for its scheduler; a model that is
@@ -230,12 +240,16 @@ class ServeSpec(Strict):
     def engine_kwargs(self) -> dict[str, Any]:
         """What vLLM receives: defaults for the case, then ``engine_args``, then TP and PP."""
         defaults = BUILTIN_CPU_ENGINE_DEFAULTS if self.is_builtin and self.accelerator is Accelerator.CPU else {}
-        return {
+        kwargs = {
             **defaults,
             **self.engine_args,
             "tensor_parallel_size": self.tensor_parallel_size,
             "pipeline_parallel_size": self.pipeline_parallel_size,
         }
+        eager = kwargs.get("enforce_eager") is True and "compilation_config" not in kwargs
+        if self.accelerator is Accelerator.CPU and self.pipeline_parallel_size > 1 and eager:
+            kwargs.update(enforce_eager=False, compilation_config=dict(CPU_PIPELINE_EAGER))
+        return kwargs
 
     @property
     def engine_env(self) -> dict[str, str]:

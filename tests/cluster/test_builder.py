@@ -11,7 +11,7 @@ import yaml
 from cluster.builder import (
     APP_NAME,
     IMPORT_PATH,
-    LOCAL_WEIGHTS_CALLBACK,
+    REPLICA_SETUP_CALLBACK,
     app_from_args,
     cluster_specs,
     deployment_config,
@@ -53,13 +53,22 @@ def test_accelerator_type_adds_its_resource_to_every_gpu_bundle() -> None:
     assert all(b["accelerator_type:H100"] == pytest.approx(0.001) for b in plan.bundles)
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, 3])
 def test_cpu_replica_is_cpu_bundles_and_a_replica_actor_without_cpu(tp: int) -> None:
     plan = placement(ServeSpec(source="x", accelerator="cpu", tensor_parallel_size=tp))
     assert plan.bundles == tuple({"CPU": 1.0} for _ in range(tp))
     assert plan.deployment_bundles == [{"CPU": 1.0}] * tp
     assert plan.ray_actor_options() == {"num_cpus": 0.0, "num_gpus": 0.0}
     assert plan.placement_group_config() == {"bundles": [{"CPU": 1.0}] * tp, "strategy": "STRICT_PACK"}
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(1, 2), (3, 2)])
+def test_cpu_pipeline_stages_stay_on_the_replicas_node(tp: int, pp: int) -> None:
+    # vLLM runs every CPU rank as a child process of the replica (its `mp` executor): a bundle on
+    # another node would reserve cores there that no rank uses.
+    plan = placement(ServeSpec(source="x", accelerator="cpu", tensor_parallel_size=tp, pipeline_parallel_size=pp))
+    assert plan.bundles == tuple({"CPU": 1.0} for _ in range(tp * pp))
+    assert plan.strategy is Strategy.STRICT_PACK
 
 
 def test_fixed_replicas_and_back_pressure() -> None:
@@ -92,8 +101,17 @@ def test_llm_config_kwargs_for_the_builtin_cpu_model() -> None:
     assert kwargs["accelerator_config"] == {"kind": "cpu"}
     assert kwargs["engine_kwargs"]["dtype"] == "float32"
     assert kwargs["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "1"
-    assert kwargs["callback_config"] == {"callback_class": LOCAL_WEIGHTS_CALLBACK}
+    assert kwargs["callback_config"] == {"callback_class": REPLICA_SETUP_CALLBACK, "callback_kwargs": {"cpu": True}}
     assert "accelerator_type" not in kwargs
+
+
+def test_a_builtin_source_is_left_for_the_replica_to_prepare_on_its_node() -> None:
+    spec = ServeSpec(source="builtin:smollm2-135m-instruct", accelerator="cpu", tensor_parallel_size=3)
+    kwargs = llm_config_kwargs("smollm2", spec, model_source=spec.source)
+    assert kwargs["model_loading_config"]["model_source"] == "builtin:smollm2-135m-instruct"
+    assert kwargs["callback_config"]["callback_kwargs"] == {"cpu": True, "builtin": "smollm2-135m-instruct"}
+    on_gpu = llm_config_kwargs("qwen", gpu(2), model_source="Qwen/Qwen2.5-7B-Instruct")
+    assert on_gpu["callback_config"]["callback_kwargs"] == {"cpu": False}
 
 
 @pytest.mark.skipif(not (HAS_RAY and HAS_VLLM), reason="ray.serve.llm needs Ray and vLLM")
@@ -120,9 +138,9 @@ def test_llm_config_is_built_without_a_running_ray_and_places_like_ray_serve_llm
 def test_replica_hook_is_importable_as_ray_loads_it() -> None:
     from ray.llm._internal.common.utils.import_utils import load_class
 
-    from cluster.engine_hooks import LocalWeights
+    from cluster.engine_hooks import ReplicaSetup
 
-    assert load_class(LOCAL_WEIGHTS_CALLBACK) is LocalWeights
+    assert load_class(REPLICA_SETUP_CALLBACK) is ReplicaSetup
 
 
 REMOTE = {"policy": "provider_only", "fallbacks": [{"provider": "p", "model": "remote-model"}]}
@@ -230,3 +248,31 @@ def test_app_builder_rejects_bad_args_before_touching_ray() -> None:
         app_from_args({"models": {"m": {"source": "x", "tensor_parallel_size": 0}}})
     with pytest.raises(ConfigError, match=r"args\.models"):
         app_from_args({})
+
+
+@pytest.mark.parametrize(
+    ("cpus", "ranks", "bind"),
+    [
+        ([0, 1], 3, "0|1|0"),  # TP=3 on 2 cores: ranks share cores evenly
+        ([0, 1], 2, "0|1"),
+        ([0, 1, 2, 3], 2, "0,1|2,3"),
+        ([0, 1, 2, 3, 4], 3, "0,1|2,3|4"),
+        ([3, 1], 1, "1,3"),
+    ],
+)
+@pytest.mark.skipif(not HAS_RAY, reason="the replica hook subclasses Ray Serve LLM's callback")
+def test_omp_threads_bind_gives_each_rank_its_share_of_the_cores(cpus: list[int], ranks: int, bind: str) -> None:
+    from cluster.engine_hooks import omp_threads_bind
+
+    assert omp_threads_bind(cpus, ranks) == bind
+
+
+def test_cpu_pipeline_stages_trace_once_instead_of_eager_so_later_stages_get_their_buffers() -> None:
+    spec = ServeSpec(source="builtin:smollm2-135m-instruct", accelerator="cpu", pipeline_parallel_size=2)
+    assert spec.engine_kwargs["enforce_eager"] is False
+    assert spec.engine_kwargs["compilation_config"] == {"mode": 2, "backend": "eager"}
+    tp3 = ServeSpec(source="builtin:smollm2-135m-instruct", accelerator="cpu", tensor_parallel_size=3)
+    assert tp3.engine_kwargs["enforce_eager"] is True and "compilation_config" not in tp3.engine_kwargs
+    own = ServeSpec(source="builtin:smollm2-135m-instruct", accelerator="cpu", pipeline_parallel_size=2,
+                    engine_args={"compilation_config": {"mode": 3}})  # fmt: skip
+    assert own.engine_kwargs["compilation_config"] == {"mode": 3} and own.engine_kwargs["enforce_eager"] is True
