@@ -2,8 +2,10 @@
 
 Each node is its own raylet (``ray start --block`` in a process group of its own), all on
 127.0.0.1, with a private temp folder, a private auth token and ports of their own, so the cluster
-never meets another Ray on the machine. Stopping signals the process groups this module started
-(never ``ray stop``, which kills every Ray process on the machine).
+never meets another Ray on the machine. Every port the cluster listens on comes from one block
+of consecutive ports picked at once (:func:`port_block`), below the kernel's ephemeral range.
+Stopping signals the process groups this module started (never ``ray stop``, which kills every
+Ray process on the machine).
 
 Drivers (``openweight cluster up``, :func:`placement_groups`) join with :attr:`env`.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -24,11 +27,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from router.net import free_port
+from router.net import port_free
 
 ROOT = Path(__file__).resolve().parents[2]
 _WORKER_PORTS = 60
 """Worker processes each node may start (each takes a port of its own range)."""
+_NODE_PORTS = 8 + 1 + _WORKER_PORTS
+"""Ports of one node: agents, raylet, object manager, the head's Ray client server and dashboard (which
+runs headless even with ``--include-dashboard=false``), workers (an inclusive range)."""
+SPARE_PORTS = 8
+"""Ports of the block left for the tests (Serve's HTTP port, a router, fake providers)."""
+_LOWEST = 20000
+"""Below: Ray's fixed defaults (6379, 8265, 10001) and its default worker ports (10002-19999)."""
+_EPHEMERAL = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def port_block(count: int, attempts: int = 100) -> list[int]:
+    """``count`` consecutive ports, all free now, between Ray's defaults and the ephemeral range.
+
+    Ports picked one by one with ``bind(("", 0))`` come from the kernel's ephemeral range, where
+    every outgoing connection takes its source port and where Ray (``Node._get_unused_port``) and
+    vLLM pick their own ports: such a port may be gone, or handed out twice, by the time a node
+    binds it. Below that range only an explicit bind takes a port, so a block that is free now
+    stays free for the nodes of this cluster.
+    """
+    top = int(_EPHEMERAL.read_text().split()[0]) if _EPHEMERAL.exists() else 32768
+    for _ in range(attempts):
+        start = random.randrange(_LOWEST, top - count)
+        block = list(range(start, start + count))
+        if all(port_free("0.0.0.0", port) for port in block):  # Ray binds every interface
+            return block
+    raise RuntimeError(f"no {count} consecutive free ports between {_LOWEST} and {top}")
 
 
 @dataclass(kw_only=True)
@@ -43,9 +72,25 @@ class Cluster:
     """Nodes of one Ray cluster; the first is the head."""
 
     temp_dir: Path
-    gcs_port: int
     token_path: Path
+    ports: list[int]
+    """The cluster's unused ports (:func:`port_block`); :meth:`take_port` hands them out."""
+    gcs_port: int = field(init=False)
     nodes: list[Node] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.gcs_port = self.take_port()
+
+    def take_port(self) -> int:
+        """A port of the cluster's block that nothing of the cluster uses (e.g. Serve's HTTP port)."""
+        return self.take_ports(1)[0]
+
+    def take_ports(self, count: int) -> list[int]:
+        """``count`` consecutive ports of the block, no longer handed out."""
+        if len(self.ports) < count:
+            raise RuntimeError("the cluster's port block is used up")
+        taken, self.ports = self.ports[:count], self.ports[count:]
+        return taken
 
     @property
     def address(self) -> str:
@@ -65,8 +110,8 @@ class Cluster:
 
     def start_node(self, num_cpus: int, *, head: bool = False) -> Node:
         # Every port a node listens on, chosen here: two raylets on one machine must not share any.
-        ports = [free_port() for _ in range(6)]
-        low = free_port()
+        ports = self.take_ports(_NODE_PORTS)
+        low = ports[8]  # workers: low ... low + _WORKER_PORTS, the rest of the node's share
         args = [
             sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
             f"--num-cpus={num_cpus}", "--node-ip-address=127.0.0.1",
@@ -76,7 +121,8 @@ class Cluster:
             f"--min-worker-port={low}", f"--max-worker-port={low + _WORKER_PORTS}",
         ]  # fmt: skip
         if head:
-            args += ["--head", f"--port={self.gcs_port}", f"--temp-dir={self.temp_dir}", "--include-dashboard=false"]
+            args += ["--head", f"--port={self.gcs_port}", f"--temp-dir={self.temp_dir}", "--include-dashboard=false",
+                     f"--ray-client-server-port={ports[6]}", f"--dashboard-port={ports[7]}"]
         else:
             args += [f"--address={self.address}"]
         log = self.temp_dir.parent / f"node-{len(self.nodes)}.log"
@@ -127,13 +173,18 @@ class Cluster:
         shutil.rmtree(self.temp_dir.parent, ignore_errors=True)
 
 
-def start_cluster(cpus: list[int], timeout_s: float = 120.0) -> Cluster:
-    """Start a head with ``cpus[0]`` CPUs and a worker node per further entry; wait until all joined."""
+def start_cluster(cpus: list[int], timeout_s: float = 120.0, spare_nodes: int = 1) -> Cluster:
+    """Start a head with ``cpus[0]`` CPUs and a worker node per further entry; wait until all joined.
+
+    The port block also holds ports for ``spare_nodes`` nodes started later (:meth:`Cluster.start_node`)
+    and :data:`SPARE_PORTS` for the tests.
+    """
     folder = Path(tempfile.mkdtemp(prefix="ow-mn-", dir="/tmp"))  # unix socket paths stay short
     token = folder / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
-    cluster = Cluster(temp_dir=folder / "ray", gcs_port=free_port(), token_path=token)
+    ports = port_block(1 + (len(cpus) + spare_nodes) * _NODE_PORTS + SPARE_PORTS)
+    cluster = Cluster(temp_dir=folder / "ray", token_path=token, ports=ports)
     try:
         cluster.start_node(cpus[0], head=True)
         cluster.wait_nodes(1, timeout_s)
