@@ -36,7 +36,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from cluster.config import Accelerator, ServeSpec, parse_serve_specs
+from cluster.config import Accelerator, RequestRouter, ServeSpec, parse_serve_specs
 from cluster.errors import ClusterConfigError
 from cluster.model import BUILTIN_PREFIX
 from cluster.placement import placement
@@ -59,6 +59,12 @@ HAPROXY = "RAY_SERVE_ENABLE_HA_PROXY"
 
 Resolver = Callable[[str], str]
 
+REQUEST_ROUTERS: dict[RequestRouter, str] = {
+    RequestRouter.POWER_OF_TWO: "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
+    RequestRouter.PREFIX_CACHE_AFFINITY: "ray.serve.llm.request_router:PrefixCacheAffinityRouter",
+}
+"""``request_router_class`` of each ``serve.request_router`` (the first is Serve's default)."""
+
 
 def keep_source(source: str) -> str:
     """The default :data:`Resolver`: every source unchanged; a ``builtin:`` source is prepared by
@@ -75,6 +81,11 @@ def deployment_config(spec: ServeSpec) -> dict[str, Any]:
         "max_queued_requests": spec.max_queued_requests if spec.max_queued_requests is not None else -1,
         "backpressure_config": {"status_code": BACKPRESSURE_STATUS, "retry_after_s": spec.retry_after_s},
     }
+    if spec.request_router is not RequestRouter.POWER_OF_TWO:
+        config["request_router_config"] = {
+            "request_router_class": REQUEST_ROUTERS[spec.request_router],
+            "request_router_kwargs": spec.request_router_options,
+        }
     replicas = spec.replicas
     if replicas.autoscaling:
         config["autoscaling_config"] = {

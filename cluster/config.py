@@ -82,6 +82,20 @@ class Accelerator(StrEnum):
     GPU = "gpu"
 
 
+class RequestRouter(StrEnum):
+    """How Serve picks the replica of each request (its request routers; Ray Serve LLM's for LLMs)."""
+
+    POWER_OF_TWO = "power_of_two"
+    PREFIX_CACHE_AFFINITY = "prefix_cache_affinity"
+
+
+PREFIX_CACHE_AFFINITY_OPTIONS = frozenset({
+    "imbalanced_threshold", "match_rate_threshold", "do_eviction", "eviction_threshold_chars",
+    "eviction_target_chars", "eviction_interval_secs",
+})  # fmt: skip
+"""``PrefixCacheAffinityRouter.initialize_state``'s options in Ray 2.60 (less its prefix tree actor)."""
+
+
 class Replicas(Strict):
     """How many replicas of the model run; Serve autoscales between ``min`` and ``max``."""
 
@@ -158,6 +172,20 @@ class ServeSpec(Strict):
         "such step.",
     )
 
+    request_router: RequestRouter = Field(
+        RequestRouter.POWER_OF_TWO,
+        description="How Serve picks a replica for each request: `power_of_two` (Serve's default: the "
+        "shorter queue of two replicas drawn at random) or `prefix_cache_affinity` (Ray Serve LLM's "
+        "PrefixCacheAffinityRouter: while queues are balanced, the replica that already saw the longest "
+        "prefix of the prompt, so that vLLM's prefix cache hits). See docs/distributed.md.",
+    )
+    request_router_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Options of `prefix_cache_affinity`: imbalanced_threshold (queue length difference "
+        "above which it falls back to power of two; default: never), match_rate_threshold, do_eviction, "
+        "eviction_threshold_chars, eviction_target_chars, eviction_interval_secs.",
+    )
+
     @field_validator("engine_args")
     @classmethod
     def _known_engine_args(cls, args: dict[str, Any]) -> dict[str, Any]:
@@ -216,6 +244,10 @@ class ServeSpec(Strict):
     def _consistent(self) -> Self:
         if self.accelerator is Accelerator.CPU and self.accelerator_type is not None:
             raise ValueError("accelerator_type applies to GPUs only (accelerator is cpu)")
+        allowed = PREFIX_CACHE_AFFINITY_OPTIONS if self.request_router is RequestRouter.PREFIX_CACHE_AFFINITY else set()
+        unknown = sorted(set(self.request_router_options) - allowed)
+        if unknown:
+            raise ValueError(f"request_router_options: {', '.join(unknown)} not an option of {self.request_router}")
         return self
 
     @property

@@ -12,13 +12,14 @@ from cluster.builder import (
     APP_NAME,
     IMPORT_PATH,
     REPLICA_SETUP_CALLBACK,
+    REQUEST_ROUTERS,
     app_from_args,
     cluster_specs,
     deployment_config,
     llm_config_kwargs,
     serve_config,
 )
-from cluster.config import ServeSpec, load_cluster_config, parse_serve_specs
+from cluster.config import RequestRouter, ServeSpec, load_cluster_config, parse_serve_specs
 from cluster.placement import Strategy, placement
 from router.settings import ConfigError, Settings
 from tests.cluster.support import HAS_RAY, HAS_VLLM, quiet_vllm_import
@@ -92,6 +93,37 @@ def test_autoscaling_between_min_and_max() -> None:
 
 def test_unbounded_queue_when_max_queued_requests_is_null() -> None:
     assert deployment_config(gpu(max_queued_requests=None))["max_queued_requests"] == -1
+
+
+def test_serve_s_default_request_router_needs_no_config() -> None:
+    assert "request_router_config" not in deployment_config(gpu())
+
+
+def test_prefix_cache_affinity_is_ray_serve_llm_s_router_with_its_options() -> None:
+    options = deployment_config(gpu(request_router="prefix_cache_affinity",
+                                    request_router_options={"imbalanced_threshold": 8}))
+    assert options["request_router_config"] == {
+        "request_router_class": "ray.serve.llm.request_router:PrefixCacheAffinityRouter",
+        "request_router_kwargs": {"imbalanced_threshold": 8},
+    }
+
+
+def test_request_router_options_are_checked_against_the_router() -> None:
+    with pytest.raises(ValueError, match="imbalanced_threshold not an option of power_of_two"):
+        gpu(request_router_options={"imbalanced_threshold": 8})
+    with pytest.raises(ValueError, match="eviction not an option of prefix_cache_affinity"):
+        gpu(request_router="prefix_cache_affinity", request_router_options={"eviction": True})
+
+
+@pytest.mark.skipif(not (HAS_RAY and HAS_VLLM), reason="ray.serve.llm needs Ray and vLLM")
+@quiet_vllm_import
+@pytest.mark.parametrize("router", list(RequestRouter))
+def test_each_request_router_is_a_class_serve_loads(router: RequestRouter) -> None:
+    from ray.serve.config import RequestRouterConfig
+    from ray.serve.request_router import RequestRouter as ServeRequestRouter
+
+    config = RequestRouterConfig(request_router_class=REQUEST_ROUTERS[router])
+    assert issubclass(config.get_request_router_class(), ServeRequestRouter)
 
 
 def test_llm_config_kwargs_for_the_builtin_cpu_model() -> None:
