@@ -63,8 +63,13 @@ def port_block(count: int, attempts: int = 100) -> list[int]:
 @dataclass(kw_only=True)
 class Node:
     num_cpus: int
+    node_manager_port: int
+    """The raylet's port: ``NodeManagerPort`` in ``ray.nodes()``."""
+    metrics_port: int
+    """The node's metrics agent (``/metrics``: ``ray_serve_*``, ``ray_vllm_*`` of what runs there)."""
     process: subprocess.Popen[bytes]
     log: Path
+    stopped: bool = False
 
 
 @dataclass(kw_only=True)
@@ -128,7 +133,7 @@ class Cluster:
         log = self.temp_dir.parent / f"node-{len(self.nodes)}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(args, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        node = Node(num_cpus=num_cpus, process=process, log=log)
+        node = Node(num_cpus=num_cpus, node_manager_port=ports[4], metrics_port=ports[2], process=process, log=log)
         self.nodes.append(node)
         return node
 
@@ -137,23 +142,34 @@ class Cluster:
         code = "print(json.dumps([n for n in ray.nodes() if n['Alive']], default=str))"
         return list(driver(self, code, timeout_s=timeout_s))
 
+    def node_of(self, node_id: str) -> Node:
+        """The node of this cluster whose Ray node id is ``node_id``."""
+        ports = {n["NodeID"]: n["NodeManagerPort"] for n in self.alive_nodes()}
+        return next(node for node in self.nodes if node.node_manager_port == ports.get(node_id))
+
     def wait_nodes(self, count: int, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
-            for node in self.nodes:
+            for node in self.live_nodes:
                 if node.process.poll() is not None:
                     raise RuntimeError(f"a Ray node exited: {node.log.read_text()[-2000:]}")
             try:
                 if len(self.alive_nodes(timeout_s=30)) >= count:
                     return
-            except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+            except (DriverError, subprocess.TimeoutExpired):
                 pass  # the head is not up yet
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{count} Ray nodes did not join in {timeout_s:.0f} s")
             time.sleep(2)
 
+    @property
+    def live_nodes(self) -> list[Node]:
+        """Nodes not stopped by :meth:`stop_node`."""
+        return [node for node in self.nodes if not node.stopped]
+
     def stop_node(self, node: Node, sig: int = signal.SIGTERM, wait_s: float = 20.0) -> None:
         """Stop one node: its ``ray start`` process group (raylet, workers, engine processes)."""
+        node.stopped = True
         try:
             os.killpg(node.process.pid, sig)
             node.process.wait(wait_s)
@@ -197,6 +213,10 @@ def start_cluster(cpus: list[int], timeout_s: float = 120.0, spare_nodes: int = 
     return cluster
 
 
+class DriverError(RuntimeError):
+    """A driver of :func:`driver` failed (its stderr in the message)."""
+
+
 _DRIVER = """
 import json, sys
 import ray
@@ -212,7 +232,7 @@ def driver(cluster: Cluster, code: str, timeout_s: float = 120.0) -> Any:
         env=cluster.env, capture_output=True, text=True, timeout=timeout_s,
     )  # fmt: skip
     if done.returncode:
-        raise subprocess.CalledProcessError(done.returncode, "ray driver", done.stdout, done.stderr[-3000:])
+        raise DriverError(f"a Ray driver exited with status {done.returncode}: {done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
