@@ -9,8 +9,9 @@ of a reduction enough to flip a token would show here first).
 
 On CPU every rank is a child process of the replica (vLLM's ``mp`` executor; its Ray executor
 refuses the CPU platform), so a replica's placement group is ``STRICT_PACK`` on one node: TP=3
-and PP=2 both land on the 3-CPU worker node, and the head (1 CPU) cannot hold either. Last, that
-worker node is lost mid-stream and a new one brings the replica back.
+and PP=2 both land on the 3-CPU worker node, and the head (1 CPU) cannot hold either. Then that
+worker node is lost mid-stream and a new one brings the replica back; last, two replicas share
+the cluster behind Ray Serve LLM's prefix cache affinity router.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from cluster.router_process import RouterProcess
 from router.testing import FakeUpstream
@@ -272,3 +274,42 @@ def test_a_lost_worker_node_s_stream_continues_and_a_new_node_brings_the_replica
           f"{statuses[-1]['status']} ({statuses[-1]['replicas']}) at {gone_at - killed_at:.1f} s; a new node "
           f"started at {node_started_at - killed_at:.1f} s; Serve answered again at {served_at - killed_at:.1f} s "
           f"({served_at - node_started_at:.1f} s after the new node started)")
+
+
+REQUEST_COUNTER = ("ray_serve_deployment_request_counter_total", "ray_serve_deployment_request_counter")
+
+
+def requests_by_replica(cluster: Cluster) -> dict[str, float]:
+    """Requests each LLMServer replica has handled, from the metrics agents of the live nodes."""
+    counts: dict[str, float] = {}
+    for node in cluster.live_nodes:
+        text = httpx.get(f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=10).text
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in REQUEST_COUNTER and "LLMServer" in sample.labels.get("deployment", ""):
+                    counts[sample.labels["replica"]] = counts.get(sample.labels["replica"], 0) + sample.value
+    return counts
+
+
+def test_prefix_cache_affinity_sends_a_repeated_prompt_to_one_of_two_replicas(deployer: Deployer) -> None:
+    """``serve.request_router: prefix_cache_affinity`` (Ray Serve LLM's PrefixCacheAffinityRouter):
+    six asks of one prompt all reach the replica that served it first. Serve's default (power of two
+    choices between two idle replicas) would put all six on one replica in 2 x 2^-6 = 3% of runs."""
+    deployer.up(replicas={"min": 2, "max": 2}, request_router="prefix_cache_affinity")
+    assert deployer.replica_status()["replicas"].get("RUNNING") == 2
+    prompt = "Summarise in one sentence why the sky is blue, for a child of six who asks at bedtime."
+    body = {"model": MODEL, "temperature": 0, "max_tokens": 8, "messages": [{"role": "user", "content": prompt}]}
+    # Ray's metrics agents export what a replica counted every few seconds.
+    counted = sum(requests_by_replica(deployer.cluster).values())
+    deployer.ask(body)  # the prefix tree learns where this prompt went
+    wait_until("the first request is counted",
+               lambda: sum(requests_by_replica(deployer.cluster).values()) > counted, timeout_s=60)
+    before = requests_by_replica(deployer.cluster)
+    for _ in range(6):
+        deployer.ask(body)
+    expected = sum(before.values()) + 6
+    wait_until("the six requests are counted", lambda: sum(requests_by_replica(deployer.cluster).values()) >= expected,
+               timeout_s=60)
+    after = requests_by_replica(deployer.cluster)
+    grown = {replica: count - before.get(replica, 0) for replica, count in after.items()}
+    assert sorted(grown.values())[-1:] == [6] and sum(grown.values()) == 6, (before, after)
