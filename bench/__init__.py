@@ -27,6 +27,7 @@ _SUITES = {
     "e2e": ("bench.e2e", "tokens/s and TTFT through the local stack vs vLLM's own server"),
     "soak": ("bench.soak", "steady streaming load while the vLLM replica is killed"),
     "coldstart": ("bench.coldstart", "time to first token while a model scaled to zero starts again"),
+    "parallel": ("bench.parallel", "tokens/s and TTFT of the engine: one shard vs TP=3 vs PP=2 (CPU)"),
 }
 
 

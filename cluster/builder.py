@@ -19,7 +19,8 @@ Two data paths (``cluster.data_path``, see :mod:`router.cluster_routes`):
 - :func:`serve_config` writes the Serve config that KubeRay embeds as ``serveConfigV2`` and that
   ``openweight run`` / ``cluster up`` deploy; it needs neither Ray nor vLLM. Its ``import_path``
   is :func:`app_from_args`, which Serve calls inside the cluster with the ``serve`` blocks carried
-  in ``args`` (built-in models are prepared there if missing).
+  in ``args``. A built-in model is prepared by each replica on the node it runs on (the node that
+  builds the application may be another one).
 - :func:`build_app` turns ``LLMConfig`` objects into the Serve application; ``ray.serve.llm``
   reads the current Ray runtime environment there, so it runs inside Ray (it would otherwise
   start one).
@@ -30,14 +31,15 @@ the models.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 from cluster.capacity import capacity_application
-from cluster.config import Accelerator, ServeSpec, parse_serve_specs
+from cluster.config import Accelerator, RequestRouter, ServeSpec, parse_serve_specs
 from cluster.errors import ClusterConfigError
-from cluster.model import resolve_source
+from cluster.model import BUILTIN_PREFIX
 from cluster.placement import placement
 from router.cluster_routes import DataPath, route_prefix, slug
 from router.settings import Settings
@@ -45,9 +47,11 @@ from router.settings import Settings
 APP_NAME = "openweight"
 ROUTE_PREFIX = "/"
 IMPORT_PATH = "cluster.builder:app_from_args"
+DIRECT_STREAMING_ENV = "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING"
 BACKPRESSURE_STATUS = 429
-LOCAL_WEIGHTS_CALLBACK = "cluster.engine_hooks:LocalWeights"
-"""Replica hook that skips Ray's per-node download when the weights are a local folder."""
+REPLICA_SETUP_CALLBACK = "cluster.engine_hooks:ReplicaSetup"
+"""Replica hook, run on the replica's node: prepares a built-in model there, skips Ray's per-node
+download of local folders, binds OpenMP threads per rank on CPU."""
 
 DIRECT_STREAMING = "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING"
 """Ray Serve LLM's switch: the LLM replica is the ingress and serves vLLM's own app (read at import)."""
@@ -55,6 +59,19 @@ HAPROXY = "RAY_SERVE_ENABLE_HA_PROXY"
 """Serve's switch for HAProxy in place of its Python proxy (read at import by every Ray Serve process)."""
 
 Resolver = Callable[[str], str]
+
+REQUEST_ROUTERS: dict[RequestRouter, str] = {
+    RequestRouter.POWER_OF_TWO: "ray.serve._private.request_router:PowerOfTwoChoicesRequestRouter",
+    RequestRouter.PREFIX_CACHE_AFFINITY: "ray.serve.llm.request_router:PrefixCacheAffinityRouter",
+}
+"""``request_router_class`` of each ``serve.request_router`` (the first is Serve's default)."""
+
+
+def keep_source(source: str) -> str:
+    """The default :data:`Resolver`: every source unchanged; a ``builtin:`` source is prepared by
+    each replica on its own node (:class:`cluster.engine_hooks.ReplicaSetup`), not where the
+    application is built."""
+    return source
 
 
 def deployment_config(spec: ServeSpec) -> dict[str, Any]:
@@ -65,6 +82,11 @@ def deployment_config(spec: ServeSpec) -> dict[str, Any]:
         "max_queued_requests": spec.max_queued_requests if spec.max_queued_requests is not None else -1,
         "backpressure_config": {"status_code": BACKPRESSURE_STATUS, "retry_after_s": spec.retry_after_s},
     }
+    if spec.request_router is not RequestRouter.POWER_OF_TWO:
+        config["request_router_config"] = {
+            "request_router_class": REQUEST_ROUTERS[spec.request_router],
+            "request_router_kwargs": spec.request_router_options,
+        }
     replicas = spec.replicas
     if replicas.autoscaling:
         config["autoscaling_config"] = {
@@ -90,12 +112,23 @@ def llm_config_kwargs(model_id: str, spec: ServeSpec, *, model_source: str) -> d
         "engine_kwargs": spec.engine_kwargs,
         "runtime_env": {"env_vars": spec.engine_env},
         "log_engine_metrics": True,
-        "callback_config": {"callback_class": LOCAL_WEIGHTS_CALLBACK},
+        "callback_config": {
+            "callback_class": REPLICA_SETUP_CALLBACK,
+            "callback_kwargs": setup_kwargs(model_source, spec),
+        },
     }
     if spec.accelerator is Accelerator.GPU and spec.accelerator_type:
         kwargs["accelerator_type"] = spec.accelerator_type
     if spec.stream_batching_interval_ms is not None:
         kwargs["experimental_configs"] = {"stream_batching_interval_ms": spec.stream_batching_interval_ms}
+    return kwargs
+
+
+def setup_kwargs(model_source: str, spec: ServeSpec) -> dict[str, Any]:
+    """``callback_kwargs`` of :class:`cluster.engine_hooks.ReplicaSetup` for one model."""
+    kwargs: dict[str, Any] = {"cpu": spec.accelerator is Accelerator.CPU}
+    if model_source.startswith(BUILTIN_PREFIX):
+        kwargs["builtin"] = model_source.removeprefix(BUILTIN_PREFIX)
     return kwargs
 
 
@@ -106,9 +139,10 @@ def llm_config(model_id: str, spec: ServeSpec, *, model_source: str) -> Any:
     return LLMConfig(**llm_config_kwargs(model_id, spec, model_source=model_source))
 
 
-def llm_configs(specs: Mapping[str, ServeSpec], *, resolve: Resolver = resolve_source) -> list[Any]:
+def llm_configs(specs: Mapping[str, ServeSpec], *, resolve: Resolver = keep_source) -> list[Any]:
     """``LLMConfig`` objects for ``specs`` keyed by cluster model id; ``resolve`` maps each
-    ``source`` to what vLLM loads (default: prepare built-in models, keep the rest)."""
+    ``source`` to what the replica receives (default: unchanged; a ``builtin:`` source left as it
+    is is prepared by the replica on its node, a prepared folder is loaded as it is)."""
     return [llm_config(model_id, spec, model_source=resolve(spec.source)) for model_id, spec in specs.items()]
 
 
@@ -119,11 +153,19 @@ def cluster_specs(settings: Settings, specs: Mapping[str, ServeSpec]) -> dict[st
     return {settings.cluster_model_id(name): spec for name, spec in specs.items()}
 
 
+INGRESS_OPTIONS: dict[str, Any] = {"ray_actor_options": {"num_cpus": 0}}
+"""The OpenAI ingress reserves no CPU (Serve's default is one): it only relays, and a CPU it held
+on a worker node would be missing from a replica's placement group there (a head with one CPU and
+a 3-CPU worker could then not hold a TP=3 replica)."""
+
+
 def build_app(configs: list[Any]) -> Any:
     """The Serve application (OpenAI ingress + one LLMServer per model). Needs a connected Ray."""
     from ray.serve.llm import build_openai_app
 
-    return build_openai_app({"llm_configs": configs})
+    if os.environ.get(DIRECT_STREAMING_ENV) == "1":  # the replica is the ingress: no options of its own
+        return build_openai_app({"llm_configs": configs})
+    return build_openai_app({"llm_configs": configs, "ingress_deployment_config": INGRESS_OPTIONS})
 
 
 def app_from_args(args: dict[str, Any]) -> Any:

@@ -53,6 +53,16 @@ actor stream and the ingress replica on its own; in groups of four those cost 30
 token, which on a small machine goes to the engine instead (see docs/performance.md, the e2e figures).
 ``engine_args`` overrides each (``stream_interval: 1`` streams every token)."""
 
+CPU_PIPELINE_EAGER: dict[str, Any] = {"mode": 2, "backend": "eager"}
+"""``compilation_config`` that stands for ``enforce_eager`` on CPU when PP > 1: traced once by
+dynamo, run by torch's eager backend (no inductor, so start-up stays about as fast as eager).
+vLLM 0.32 allocates a later pipeline stage's buffer for the activations it receives only in the
+warm-up pass, and its CPU runner skips that pass in eager mode (``CompilationMode.NONE``:
+vllm/v1/worker/cpu_model_runner.py ``warming_up_model``), so with ``enforce_eager`` the first
+request kills the engine (``assert self.intermediate_tensors is not None`` in
+vllm/v1/worker/gpu_model_runner.py ``sync_and_gather_intermediate_tensors``). Mode 2 is
+``CompilationMode.DYNAMO_TRACE_ONCE``."""
+
 CPU_ENV_DEFAULTS: dict[str, str] = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     # vLLM's automatic OpenMP binding keeps one core per rank for its scheduler; a model that is
@@ -70,6 +80,20 @@ class Accelerator(StrEnum):
 
     CPU = "cpu"
     GPU = "gpu"
+
+
+class RequestRouter(StrEnum):
+    """How Serve picks the replica of each request (its request routers; Ray Serve LLM's for LLMs)."""
+
+    POWER_OF_TWO = "power_of_two"
+    PREFIX_CACHE_AFFINITY = "prefix_cache_affinity"
+
+
+PREFIX_CACHE_AFFINITY_OPTIONS = frozenset({
+    "imbalanced_threshold", "match_rate_threshold", "do_eviction", "eviction_threshold_chars",
+    "eviction_target_chars", "eviction_interval_secs",
+})  # fmt: skip
+"""``PrefixCacheAffinityRouter.initialize_state``'s options in Ray 2.60 (less its prefix tree actor)."""
 
 
 class Replicas(Strict):
@@ -155,6 +179,20 @@ class ServeSpec(Strict):
         "such step.",
     )
 
+    request_router: RequestRouter = Field(
+        RequestRouter.POWER_OF_TWO,
+        description="How Serve picks a replica for each request: `power_of_two` (Serve's default: the "
+        "shorter queue of two replicas drawn at random) or `prefix_cache_affinity` (Ray Serve LLM's "
+        "PrefixCacheAffinityRouter: while queues are balanced, the replica that already saw the longest "
+        "prefix of the prompt, so that vLLM's prefix cache hits). See docs/distributed.md.",
+    )
+    request_router_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Options of `prefix_cache_affinity`: imbalanced_threshold (queue length difference "
+        "above which it falls back to power of two; default: never), match_rate_threshold, do_eviction, "
+        "eviction_threshold_chars, eviction_target_chars, eviction_interval_secs.",
+    )
+
     @field_validator("engine_args")
     @classmethod
     def _known_engine_args(cls, args: dict[str, Any]) -> dict[str, Any]:
@@ -213,6 +251,10 @@ class ServeSpec(Strict):
     def _consistent(self) -> Self:
         if self.accelerator is Accelerator.CPU and self.accelerator_type is not None:
             raise ValueError("accelerator_type applies to GPUs only (accelerator is cpu)")
+        allowed = PREFIX_CACHE_AFFINITY_OPTIONS if self.request_router is RequestRouter.PREFIX_CACHE_AFFINITY else set()
+        unknown = sorted(set(self.request_router_options) - allowed)
+        if unknown:
+            raise ValueError(f"request_router_options: {', '.join(unknown)} not an option of {self.request_router}")
         return self
 
     @property
@@ -237,12 +279,16 @@ class ServeSpec(Strict):
     def engine_kwargs(self) -> dict[str, Any]:
         """What vLLM receives: defaults for the case, then ``engine_args``, then TP and PP."""
         defaults = BUILTIN_CPU_ENGINE_DEFAULTS if self.is_builtin and self.accelerator is Accelerator.CPU else {}
-        return {
+        kwargs = {
             **defaults,
             **self.engine_args,
             "tensor_parallel_size": self.tensor_parallel_size,
             "pipeline_parallel_size": self.pipeline_parallel_size,
         }
+        eager = kwargs.get("enforce_eager") is True and "compilation_config" not in kwargs
+        if self.accelerator is Accelerator.CPU and self.pipeline_parallel_size > 1 and eager:
+            kwargs.update(enforce_eager=False, compilation_config=dict(CPU_PIPELINE_EAGER))
+        return kwargs
 
     @property
     def engine_env(self) -> dict[str, str]:

@@ -5,13 +5,19 @@ replica actor itself (the Serve LLMServer, which starts the vLLM engine) shares 
 so Ray reserves the whole replica at once or not at all: a replica that does not fit stays
 pending instead of holding half its GPUs.
 
-- TP only: the shards exchange activations on every layer, so all bundles go on one node
+- GPU, TP only: the shards exchange activations on every layer, so all bundles go on one node
   (``STRICT_PACK``).
-- PP > 1: stages talk once per micro-batch and may span nodes (``PACK``: one node if possible).
+- GPU, PP > 1: stages talk once per micro-batch and may span nodes (``PACK``: one node if
+  possible); vLLM's Ray executor starts one worker actor in each bundle.
 - GPU: ``{"GPU": 1}`` per device, plus a tiny ``accelerator_type:<T>`` share when the config
   names a GPU type, which only nodes of that type have. The replica actor takes one CPU.
-- CPU: ``{"CPU": 1}`` per device. The replica actor asks for no CPU of its own: the engine runs
-  in the replica's process tree and is accounted by the bundles.
+- CPU: ``{"CPU": 1}`` per rank (TP x PP), always ``STRICT_PACK``. Ray Serve LLM runs a CPU
+  engine with vLLM's ``mp`` executor (ray/llm/_internal/serve/engines/vllm/vllm_models.py), and
+  vLLM's Ray executor refuses the CPU platform ("current platform cpu does not support ray",
+  vllm/v1/executor/ray_utils.py): every rank is a child process of the replica, on the replica's
+  node. Bundles on another node would reserve cores there that the ranks never use. The replica
+  actor asks for no CPU of its own: the engine runs in the replica's process tree and is
+  accounted by the bundles.
 
 This module is pure (no Ray import): :mod:`cluster.builder` hands the result to
 ``ray.serve.llm`` and the placement tests hand it to a plain Serve deployment.
@@ -75,7 +81,8 @@ class Placement:
 
 def placement(spec: ServeSpec) -> Placement:
     """The placement of one replica of a model served as ``spec``."""
-    strategy = Strategy.PACK if spec.pipeline_parallel_size > 1 else Strategy.STRICT_PACK
+    spans_nodes = spec.pipeline_parallel_size > 1 and spec.accelerator is not Accelerator.CPU
+    strategy = Strategy.PACK if spans_nodes else Strategy.STRICT_PACK
     if spec.accelerator is Accelerator.CPU:
         device: Bundle = {"CPU": 1.0}
         replica_actor: Bundle = {"CPU": 0.0}

@@ -120,7 +120,7 @@ def test_failover_report_shape(tmp_path: Path) -> None:
         assert row["recovery_s"] is not None
 
 
-@pytest.mark.parametrize("suite", ["overhead", "router", "failover", "e2e", "soak", "coldstart"])
+@pytest.mark.parametrize("suite", ["overhead", "router", "failover", "e2e", "soak", "coldstart", "parallel"])
 def test_every_suite_has_a_command(suite: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["bench", suite, "--help"])

@@ -11,14 +11,15 @@ import yaml
 from cluster.builder import (
     APP_NAME,
     IMPORT_PATH,
-    LOCAL_WEIGHTS_CALLBACK,
+    REPLICA_SETUP_CALLBACK,
+    REQUEST_ROUTERS,
     app_from_args,
     cluster_specs,
     deployment_config,
     llm_config_kwargs,
     serve_config,
 )
-from cluster.config import ServeSpec, load_cluster_config, parse_serve_specs
+from cluster.config import RequestRouter, ServeSpec, load_cluster_config, parse_serve_specs
 from cluster.placement import Strategy, placement
 from router.settings import ConfigError, Settings
 from tests.cluster.support import HAS_RAY, HAS_VLLM, quiet_vllm_import
@@ -53,13 +54,22 @@ def test_accelerator_type_adds_its_resource_to_every_gpu_bundle() -> None:
     assert all(b["accelerator_type:H100"] == pytest.approx(0.001) for b in plan.bundles)
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, 3])
 def test_cpu_replica_is_cpu_bundles_and_a_replica_actor_without_cpu(tp: int) -> None:
     plan = placement(ServeSpec(source="x", accelerator="cpu", tensor_parallel_size=tp))
     assert plan.bundles == tuple({"CPU": 1.0} for _ in range(tp))
     assert plan.deployment_bundles == [{"CPU": 1.0}] * tp
     assert plan.ray_actor_options() == {"num_cpus": 0.0, "num_gpus": 0.0}
     assert plan.placement_group_config() == {"bundles": [{"CPU": 1.0}] * tp, "strategy": "STRICT_PACK"}
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(1, 2), (3, 2)])
+def test_cpu_pipeline_stages_stay_on_the_replicas_node(tp: int, pp: int) -> None:
+    # vLLM runs every CPU rank as a child process of the replica (its `mp` executor): a bundle on
+    # another node would reserve cores there that no rank uses.
+    plan = placement(ServeSpec(source="x", accelerator="cpu", tensor_parallel_size=tp, pipeline_parallel_size=pp))
+    assert plan.bundles == tuple({"CPU": 1.0} for _ in range(tp * pp))
+    assert plan.strategy is Strategy.STRICT_PACK
 
 
 def test_fixed_replicas_and_back_pressure() -> None:
@@ -92,6 +102,37 @@ def test_unbounded_queue_when_max_queued_requests_is_null() -> None:
     assert deployment_config(gpu(max_queued_requests=None))["max_queued_requests"] == -1
 
 
+def test_serve_s_default_request_router_needs_no_config() -> None:
+    assert "request_router_config" not in deployment_config(gpu())
+
+
+def test_prefix_cache_affinity_is_ray_serve_llm_s_router_with_its_options() -> None:
+    options = deployment_config(gpu(request_router="prefix_cache_affinity",
+                                    request_router_options={"imbalanced_threshold": 8}))
+    assert options["request_router_config"] == {
+        "request_router_class": "ray.serve.llm.request_router:PrefixCacheAffinityRouter",
+        "request_router_kwargs": {"imbalanced_threshold": 8},
+    }
+
+
+def test_request_router_options_are_checked_against_the_router() -> None:
+    with pytest.raises(ValueError, match="imbalanced_threshold not an option of power_of_two"):
+        gpu(request_router_options={"imbalanced_threshold": 8})
+    with pytest.raises(ValueError, match="eviction not an option of prefix_cache_affinity"):
+        gpu(request_router="prefix_cache_affinity", request_router_options={"eviction": True})
+
+
+@pytest.mark.skipif(not (HAS_RAY and HAS_VLLM), reason="ray.serve.llm needs Ray and vLLM")
+@quiet_vllm_import
+@pytest.mark.parametrize("router", list(RequestRouter))
+def test_each_request_router_is_a_class_serve_loads(router: RequestRouter) -> None:
+    from ray.serve.config import RequestRouterConfig
+    from ray.serve.request_router import RequestRouter as ServeRequestRouter
+
+    config = RequestRouterConfig(request_router_class=REQUEST_ROUTERS[router])
+    assert issubclass(config.get_request_router_class(), ServeRequestRouter)
+
+
 def test_llm_config_kwargs_for_the_builtin_cpu_model() -> None:
     spec = ServeSpec(source="builtin:smollm2-135m-instruct", accelerator="cpu")
     kwargs = llm_config_kwargs("smollm2", spec, model_source="/models/smollm2")
@@ -99,8 +140,17 @@ def test_llm_config_kwargs_for_the_builtin_cpu_model() -> None:
     assert kwargs["accelerator_config"] == {"kind": "cpu"}
     assert kwargs["engine_kwargs"]["dtype"] == "float32"
     assert kwargs["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "1"
-    assert kwargs["callback_config"] == {"callback_class": LOCAL_WEIGHTS_CALLBACK}
+    assert kwargs["callback_config"] == {"callback_class": REPLICA_SETUP_CALLBACK, "callback_kwargs": {"cpu": True}}
     assert "accelerator_type" not in kwargs
+
+
+def test_a_builtin_source_is_left_for_the_replica_to_prepare_on_its_node() -> None:
+    spec = ServeSpec(source="builtin:smollm2-135m-instruct", accelerator="cpu", tensor_parallel_size=3)
+    kwargs = llm_config_kwargs("smollm2", spec, model_source=spec.source)
+    assert kwargs["model_loading_config"]["model_source"] == "builtin:smollm2-135m-instruct"
+    assert kwargs["callback_config"]["callback_kwargs"] == {"cpu": True, "builtin": "smollm2-135m-instruct"}
+    on_gpu = llm_config_kwargs("qwen", gpu(2), model_source="Qwen/Qwen2.5-7B-Instruct")
+    assert on_gpu["callback_config"]["callback_kwargs"] == {"cpu": False}
 
 
 @pytest.mark.skipif(not (HAS_RAY and HAS_VLLM), reason="ray.serve.llm needs Ray and vLLM")
@@ -127,9 +177,9 @@ def test_llm_config_is_built_without_a_running_ray_and_places_like_ray_serve_llm
 def test_replica_hook_is_importable_as_ray_loads_it() -> None:
     from ray.llm._internal.common.utils.import_utils import load_class
 
-    from cluster.engine_hooks import LocalWeights
+    from cluster.engine_hooks import ReplicaSetup
 
-    assert load_class(LOCAL_WEIGHTS_CALLBACK) is LocalWeights
+    assert load_class(REPLICA_SETUP_CALLBACK) is ReplicaSetup
 
 
 REMOTE = {"policy": "provider_only", "fallbacks": [{"provider": "p", "model": "remote-model"}]}
@@ -280,3 +330,31 @@ def test_the_scale_to_zero_example_deploys_a_model_at_zero_beside_the_capacity_a
     # The local stack's direct ingress serves cluster.url from the OpenAI ingress replica: no capacity route.
     (only,) = serve_config(settings, specs, with_capacity=False)["applications"]
     assert only == app
+
+
+@pytest.mark.parametrize(
+    ("cpus", "ranks", "bind"),
+    [
+        ([0, 1], 3, "0|1|0"),  # TP=3 on 2 cores: ranks share cores evenly
+        ([0, 1], 2, "0|1"),
+        ([0, 1, 2, 3], 2, "0,1|2,3"),
+        ([0, 1, 2, 3, 4], 3, "0,1|2,3|4"),
+        ([3, 1], 1, "1,3"),
+    ],
+)
+@pytest.mark.skipif(not HAS_RAY, reason="the replica hook subclasses Ray Serve LLM's callback")
+def test_omp_threads_bind_gives_each_rank_its_share_of_the_cores(cpus: list[int], ranks: int, bind: str) -> None:
+    from cluster.engine_hooks import omp_threads_bind
+
+    assert omp_threads_bind(cpus, ranks) == bind
+
+
+def test_cpu_pipeline_stages_trace_once_instead_of_eager_so_later_stages_get_their_buffers() -> None:
+    spec = ServeSpec(source="builtin:smollm2-135m-instruct", accelerator="cpu", pipeline_parallel_size=2)
+    assert spec.engine_kwargs["enforce_eager"] is False
+    assert spec.engine_kwargs["compilation_config"] == {"mode": 2, "backend": "eager"}
+    tp3 = ServeSpec(source="builtin:smollm2-135m-instruct", accelerator="cpu", tensor_parallel_size=3)
+    assert tp3.engine_kwargs["enforce_eager"] is True and "compilation_config" not in tp3.engine_kwargs
+    own = ServeSpec(source="builtin:smollm2-135m-instruct", accelerator="cpu", pipeline_parallel_size=2,
+                    engine_args={"compilation_config": {"mode": 3}})  # fmt: skip
+    assert own.engine_kwargs["compilation_config"] == {"mode": 3} and own.engine_kwargs["enforce_eager"] is True
