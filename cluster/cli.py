@@ -89,7 +89,11 @@ def _up_remote(args: argparse.Namespace, address: str) -> int:
               for model in app["args"]["models"]]
     print(f"deploying {', '.join(models)} to {address} ({settings.cluster.data_path.value} data path)")
     deploy_config(config, timeout_s=args.timeout)
+    from router.redaction import redact_url
+
     print(f"deployed; Serve HTTP on port {http['port']} of every node")
+    for model in models:  # the OpenAI base URL of each (on the direct path, the model's own route)
+        print(f"  {model}: {redact_url(settings.cluster_base_url(model))}")
     return 0
 
 

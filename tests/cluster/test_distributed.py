@@ -80,6 +80,7 @@ class Deployer:
             env=self.cluster.env, capture_output=True, text=True, timeout=700,
         )  # fmt: skip
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert f"  {MODEL}: {self.url}\n" in done.stdout  # where it answers (classic: cluster.url itself)
 
     def start_router(self) -> RouterProcess:
         self.write_config()
