@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -110,6 +111,17 @@ def capacity_of(details: Mapping[str, Any], model_ids: Iterable[str]) -> dict[st
     return models
 
 
+def wake_call(call: Any) -> tuple[str, float]:
+    """(model id, seconds to hold) of a wake-up call's body, the hold capped at :data:`MAX_HOLD_S`;
+    ValueError unless it is ``{"model": str, "hold_s": a finite number > 0}``."""
+    if not isinstance(call, dict) or not isinstance(call.get("model"), str):
+        raise ValueError("not a wake-up call")
+    hold_s = call.get("hold_s")
+    if isinstance(hold_s, bool) or not isinstance(hold_s, int | float) or not 0 < hold_s < math.inf:
+        raise ValueError("hold_s: a finite number of seconds > 0 is required")
+    return call["model"], min(float(hold_s), MAX_HOLD_S)
+
+
 class Capacity:
     """The deployment's class (Serve wraps it in :func:`app_from_args`); ``models``: cluster model ids."""
 
@@ -133,9 +145,8 @@ class Capacity:
             return JSONResponse({"models": capacity_of(await self._details(), self._models)})
         if request.method == "POST" and path.endswith(f"/{WAKE}"):
             try:
-                call = await request.json()
-                model, hold_s = str(call["model"]), min(float(call["hold_s"]), MAX_HOLD_S)
-            except (ValueError, KeyError, TypeError):
+                model, hold_s = wake_call(await request.json())
+            except ValueError:
                 return JSONResponse({"error": "expected {\"model\": id, \"hold_s\": seconds}"}, status_code=400)
             if model not in self._models:
                 return JSONResponse({"error": f"unknown model {model!r}"}, status_code=404)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import time
@@ -35,6 +36,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from router.redaction import redact_url
 from router.settings import ClusterConfig, Settings
 
 log = logging.getLogger("openweight.router")
@@ -46,6 +48,8 @@ STARTING = "starting"
 TARGET = "target"
 """The `state` label values of ``openweight_cluster_replicas`` (and the keys of the route's answer)."""
 STATES = (RUNNING, STARTING, TARGET)
+MAX_ANSWER_BYTES = 1 << 20
+"""Largest answer of the capacity route read; a longer one (or a compressed one) is malformed."""
 WAKE_RETRY_S = 1.0
 """Pause before asking again when a wake-up call was not taken (held to its end, refused, failed)."""
 
@@ -130,7 +134,9 @@ class CapacityProbe:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4))
+            # Answers are read as sent (bounded, never inflated): the route is JSON in identity coding.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4), auto_decompress=False,
+                                                  headers={"accept-encoding": "identity"})
         return self._session
 
     async def refresh(self) -> None:
@@ -139,12 +145,13 @@ class CapacityProbe:
             self.before_refresh()
         try:
             async with self._client().get(self._url, timeout=aiohttp.ClientTimeout(total=self._timeout_s)) as r:
-                payload = await r.json(content_type=None) if r.status == 200 else None
+                payload = await _json(r)
             self.models = parse_capacity(payload, self._public) if payload is not None else {}
             self.answered = payload is not None
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             if self.answered:
-                log.warning("capacity route %s: %s; capacity unknown until it answers", self._url, exc)
+                log.warning("capacity route %s: %s; capacity unknown until it answers", redact_url(self._url),
+                            type(exc).__name__)
             self.models, self.answered = {}, False
 
     def idle(self, model_id: str) -> bool:
@@ -158,13 +165,26 @@ class CapacityProbe:
         timeout = aiohttp.ClientTimeout(total=hold_s + self._timeout_s)
         body = {"model": model_id, "hold_s": hold_s}
         async with self._client().post(f"{self._url}/{WAKE}", json=body, timeout=timeout) as r:
-            answer = await r.json(content_type=None) if r.status == 200 else None
+            answer = await _json(r)
         return isinstance(answer, dict) and answer.get(RUNNING) is True
 
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+async def _json(response: aiohttp.ClientResponse) -> Any:
+    """A 200 answer's JSON (None for another status); ValueError when it is not JSON in
+    :data:`MAX_ANSWER_BYTES` (compressed, cut off, too long)."""
+    if response.status != 200:
+        return None
+    body = bytearray()
+    async for chunk in response.content.iter_any():
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise ValueError(f"answer over {MAX_ANSWER_BYTES} bytes")
+    return json.loads(body)
 
 
 class Waker:
@@ -204,7 +224,7 @@ class Waker:
                     if await self._probe.wake(model_id, max(1.0, math.ceil(left))):
                         return
                 except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                    log.warning("wake-up call for %s failed: %s", model, exc)
+                    log.warning("wake-up call for %s failed: %s", model, type(exc).__name__)
                 # Not taken: held to its end, or refused at once (a route without wake-ups): pause.
                 await asyncio.sleep(WAKE_RETRY_S)
         finally:

@@ -142,3 +142,13 @@ def test_the_prober_leaves_a_model_at_zero_alone_on_the_direct_path(fakes):
         assert router.metric("openweight_upstream_up", upstream="cluster") == 1  # Serve answers: up
         cluster.capacity = {MODEL: dict(RUNNING)}
         assert _until(lambda: cluster.probes >= 1)  # GET /m1/v1/models once a replica runs
+
+
+def test_a_capacity_answer_over_a_mebibyte_is_malformed_and_capacity_stays_unknown(fakes):
+    cluster, prov = fakes("cluster"), fakes("prov")
+    cluster.capacity = {MODEL: dict(AT_ZERO), "padding": "x" * (1 << 20)}  # at zero, if it were read
+    with RouterServer(_settings(cluster, {"prov": prov})) as router, router.client() as client:
+        assert _until(lambda: cluster.capacity_reads >= 2)
+        r = client.post("/v1/chat/completions", json=chat())
+        assert r.headers["x-openweight-upstream"] == "cluster"  # routed as without the route
+        assert "openweight_cluster_replicas{" not in httpx.get(router.url + "/metrics").text

@@ -358,3 +358,22 @@ def test_cpu_pipeline_stages_trace_once_instead_of_eager_so_later_stages_get_the
     own = ServeSpec(source="builtin:smollm2-135m-instruct", accelerator="cpu", pipeline_parallel_size=2,
                     engine_args={"compilation_config": {"mode": 3}})  # fmt: skip
     assert own.engine_kwargs["compilation_config"] == {"mode": 3} and own.engine_kwargs["enforce_eager"] is True
+
+
+@pytest.mark.parametrize("call", [
+    [], "x", {"hold_s": 5}, {"model": 1, "hold_s": 5}, {"model": "m"}, {"model": "m", "hold_s": "5"},
+    {"model": "m", "hold_s": True}, {"model": "m", "hold_s": 0}, {"model": "m", "hold_s": -1},
+    {"model": "m", "hold_s": float("nan")}, {"model": "m", "hold_s": float("inf")},
+])
+def test_a_wake_up_call_needs_a_model_and_a_finite_positive_hold(call: Any) -> None:
+    from cluster.capacity import wake_call
+
+    with pytest.raises(ValueError):
+        wake_call(call)
+
+
+def test_a_wake_up_call_is_held_at_most_five_minutes() -> None:
+    from cluster.capacity import MAX_HOLD_S, wake_call
+
+    assert wake_call({"model": "m", "hold_s": 2}) == ("m", 2.0)
+    assert wake_call({"model": "m", "hold_s": 1e300}) == ("m", MAX_HOLD_S)
