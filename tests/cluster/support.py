@@ -25,3 +25,9 @@ def quiet_vllm_import(test: F) -> F:
     for spec in _VLLM_IMPORT_WARNINGS:
         test = pytest.mark.filterwarnings(spec)(test)
     return test
+
+
+VLLM_IMPORT_MARKS = [pytest.mark.filterwarnings(spec) for spec in _VLLM_IMPORT_WARNINGS]
+"""The marks of :func:`quiet_vllm_import`, for a module's ``pytestmark``."""
+NEEDS_VLLM = [pytest.mark.skipif(not (HAS_RAY and HAS_VLLM), reason="needs Ray and vLLM"), *VLLM_IMPORT_MARKS]
+"""``pytestmark`` of a module that runs the real engine: skipped without Ray and vLLM, quiet on import."""

@@ -24,20 +24,14 @@ import yaml
 
 from router.net import free_port
 from router.testing import FakeUpstream
-from tests.cluster.support import HAS_RAY, HAS_VLLM
+from tests.cluster.support import NEEDS_VLLM
 from tests.deploy import support as deploy_support
 
 MODEL = "smollm2-135m-instruct"
 QUESTION = "What is the capital of France?"
 UPSTREAM = "x-openweight-upstream"
 
-pytestmark = [
-    pytest.mark.cluster,
-    pytest.mark.skipif(not (HAS_RAY and HAS_VLLM), reason="needs Ray and vLLM"),
-    # Importing vLLM (through ray.serve.llm, in the stack's driver) imports torch APIs that warn.
-    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning"),
-]
+pytestmark = [pytest.mark.cluster, *NEEDS_VLLM]
 
 
 class Stack:

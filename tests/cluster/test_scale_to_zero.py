@@ -21,18 +21,13 @@ import yaml
 
 from router.net import free_port
 from router.testing import FakeUpstream
-from tests.cluster.support import HAS_RAY, HAS_VLLM
+from tests.cluster.support import NEEDS_VLLM
 
 MODEL = "smollm2-135m-instruct"
 UPSTREAM = "x-openweight-upstream"
 DOWNSCALE_S = 10
 
-pytestmark = [
-    pytest.mark.cluster,
-    pytest.mark.skipif(not (HAS_RAY and HAS_VLLM), reason="needs Ray and vLLM"),
-    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning"),
-]
+pytestmark = [pytest.mark.cluster, *NEEDS_VLLM]
 
 
 class Stack:

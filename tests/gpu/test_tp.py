@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from router.net import free_port
-from tests.cluster.support import HAS_RAY, HAS_VLLM
+from tests.cluster.support import NEEDS_VLLM
 
 
 def gpu_count() -> int:
@@ -35,9 +35,7 @@ SOURCE = os.environ.get("OPENWEIGHT_TP_SOURCE", "builtin:smollm2-135m-instruct")
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(GPUS < 2, reason=f"needs at least 2 NVIDIA GPUs (found {GPUS})"),
-    pytest.mark.skipif(not (HAS_RAY and HAS_VLLM), reason="needs Ray and vLLM"),
-    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:`torch.distributed.reduce_op` is deprecated:FutureWarning"),
+    *NEEDS_VLLM,
 ]
 
 
