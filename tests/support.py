@@ -5,6 +5,8 @@ Fixtures live in conftest.py; what a test imports by name lives here.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -89,3 +91,13 @@ def chat(stream: bool = False, **extra: Any) -> dict[str, Any]:
 def refused_url() -> str:
     """A loopback URL where nothing listens (connection refused)."""
     return f"http://127.0.0.1:{free_port()}/v1"
+
+
+def until(condition: Callable[[], bool], timeout_s: float = 5.0, every_s: float = 0.02) -> bool:
+    """Whether `condition()` held within `timeout_s` (asked every `every_s`)."""
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(every_s)
+    return False

@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import httpx
 
 from router.replica_wait import WAITING_COMMENT
-from tests.support import MODEL, RouterServer, chat, make_settings
+from tests.support import MODEL, RouterServer, chat, make_settings, until
 
 PROBE_S = 0.2
 AT_ZERO = {"running": 0, "starting": 0, "target": 0, "max_ongoing_requests": 4}
 RUNNING = {"running": 1, "starting": 0, "target": 1, "max_ongoing_requests": 4}
-
-
-def _until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def _settings(cluster, providers=None, **model):
@@ -42,9 +32,9 @@ def test_a_model_at_zero_is_served_by_its_provider_at_once_and_woken_then_return
         assert router.metric("openweight_fallbacks_total", from_upstream="cluster", to_upstream="prov",
                              reason="cold_start") == 1
         assert router.metric("openweight_cluster_replicas", model=MODEL, state="target") == 0
-        assert _until(lambda: cluster.wakes == [MODEL])
+        assert until(lambda: cluster.wakes == [MODEL])
         cluster.capacity = {MODEL: dict(RUNNING)}  # the wake-up call is answered once a replica runs
-        assert _until(lambda: router.metric("openweight_cluster_replicas", model=MODEL, state="running") == 1)
+        assert until(lambda: router.metric("openweight_cluster_replicas", model=MODEL, state="running") == 1)
         r = client.post("/v1/chat/completions", json=chat())
         assert r.headers["x-openweight-upstream"] == "cluster"
     assert len(prov.requests) == 1 and len(cluster.requests) == 1
@@ -110,7 +100,7 @@ def test_spillover_moves_to_providers_when_the_running_replicas_are_full(fakes):
     cluster.capacity = {MODEL: {"running": 1, "starting": 0, "target": 1, "max_ongoing_requests": 1}}
     with RouterServer(_settings(cluster, {"prov": prov}, policy="spillover")) as router:
         with httpx.Client(base_url=router.url, timeout=20) as client:
-            _until(lambda: router.metric("openweight_cluster_replicas", model=MODEL, state="running") == 1)
+            until(lambda: router.metric("openweight_cluster_replicas", model=MODEL, state="running") == 1)
             with client.stream("POST", "/v1/chat/completions", json=chat(stream=True)) as first:
                 assert first.headers["x-openweight-upstream"] == "cluster"
                 second = client.post("/v1/chat/completions", json=chat())
@@ -137,18 +127,18 @@ def test_the_prober_leaves_a_model_at_zero_alone_on_the_direct_path(fakes):
     settings = make_settings(cluster, router={"probe_interval_s": PROBE_S},
                              cluster_extra={"data_path": "direct", "probe": True})
     with RouterServer(settings) as router:
-        assert _until(lambda: cluster.capacity_reads >= 4)
+        assert until(lambda: cluster.capacity_reads >= 4)
         assert cluster.probes == 0 and cluster.wakes == []
         assert router.metric("openweight_upstream_up", upstream="cluster") == 1  # Serve answers: up
         cluster.capacity = {MODEL: dict(RUNNING)}
-        assert _until(lambda: cluster.probes >= 1)  # GET /m1/v1/models once a replica runs
+        assert until(lambda: cluster.probes >= 1)  # GET /m1/v1/models once a replica runs
 
 
 def test_a_capacity_answer_over_a_mebibyte_is_malformed_and_capacity_stays_unknown(fakes):
     cluster, prov = fakes("cluster"), fakes("prov")
     cluster.capacity = {MODEL: dict(AT_ZERO), "padding": "x" * (1 << 20)}  # at zero, if it were read
     with RouterServer(_settings(cluster, {"prov": prov})) as router, router.client() as client:
-        assert _until(lambda: cluster.capacity_reads >= 2)
+        assert until(lambda: cluster.capacity_reads >= 2)
         r = client.post("/v1/chat/completions", json=chat())
         assert r.headers["x-openweight-upstream"] == "cluster"  # routed as without the route
         assert "openweight_cluster_replicas{" not in httpx.get(router.url + "/metrics").text

@@ -10,7 +10,7 @@ method the wake-up call uses. The capacity application is built by its real buil
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -20,21 +20,13 @@ from cluster.capacity import APP_NAME, app_from_args, deployment_suffix
 from router.capacity_config import CapacityConfig
 from router.net import free_port
 from tests.cluster.support import HAS_RAY
+from tests.support import until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.skipif(not HAS_RAY, reason="needs Ray")]
 
 MODEL = "org/fake-model-1.0"
 PATH = CapacityConfig().path
 DOWNSCALE_S = 3.0
-
-
-def _until(condition: Callable[[], bool], timeout_s: float) -> bool:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if condition():
-            return True
-        time.sleep(0.5)
-    return False
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +82,8 @@ def test_a_model_at_zero_stays_there_until_a_wake_up_call_then_returns_to_zero(s
     assert capacity(serve_url)[MODEL]["target"] == 1
 
     # No call held any more: Serve scales it back to zero after its downscale delay.
-    assert _until(lambda: capacity(serve_url)[MODEL] == {"running": 0, "starting": 0, "target": 0,
-                                                         "max_ongoing_requests": 5}, timeout_s=60)
+    assert until(lambda: capacity(serve_url)[MODEL] == {"running": 0, "starting": 0, "target": 0,
+                                                        "max_ongoing_requests": 5}, timeout_s=60, every_s=0.5)
 
 
 def test_a_wake_up_call_for_an_unknown_model_or_a_bad_body_is_refused(serve_url: str) -> None:
