@@ -16,19 +16,14 @@ from typing import Any, Self
 import uvicorn
 
 from router.asgi import Receive, Scope, Send, until_disconnect
-from router.capacity import RUNNING, WAKE
-from router.capacity_config import CapacityConfig
 from router.server_thread import ServerThread
+from router.testing.capacity import CAPACITY_PATH, CapacityRoute
+from router.testing.wire import QUIET_CUTS, Cut, error_body, read_body, response_headers, send_body
 
 PROMPT_TOKENS = 7
 """``usage.prompt_tokens`` of every answer."""
 
-CAPACITY_PATH = CapacityConfig().path
-"""Where the fake serves the cluster's capacity route (the default ``cluster.capacity.path``)."""
 _ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "text", "/v1/embeddings": "embed"}
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 408: "timeout", 413: "invalid_request_error",
-                429: "rate_limit_exceeded"}
 
 
 @dataclass(frozen=True)
@@ -79,58 +74,15 @@ class Received:
     """The client went away before the answer was complete."""
 
 
-class _Cut(Exception):
-    """Raised inside the app to make uvicorn drop the connection."""
-
-
-class _QuietCuts(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], _Cut))
-
-
-_QUIET_CUTS = _QuietCuts()
-
-
-def _error(status: int, message: str) -> bytes:
-    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
-    error = {"message": message, "type": kind, "param": None, "code": None}
-    return json.dumps({"error": error}).encode()
-
-
-def _headers(content_type: str, extra: Mapping[str, str]) -> list[tuple[bytes, bytes]]:
-    headers = {"content-type": content_type, **{k.lower(): v for k, v in extra.items()}}
-    return [(k.encode(), v.encode()) for k, v in headers.items()]
-
-
-async def _send_body(send: Send, status: int, body: bytes, headers: Mapping[str, str] = {}) -> None:
-    raw = [*_headers("application/json", headers), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _read_body(receive: Receive) -> bytes:
-    parts = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _Cut("client left while sending the body")
-        parts.append(message.get("body", b""))
-        if not message.get("more_body"):
-            return b"".join(parts)
-
-
-class FakeUpstream:
+class FakeUpstream(CapacityRoute):
     """A fake OpenAI-compatible server on ``127.0.0.1``; a context manager that starts and stops it.
 
     Inference requests take the next scripted :class:`Behavior` (``default`` when none is left)
     and are recorded in ``requests``. ``GET /v1/models`` lists ``models`` with status
     ``models_status`` and counts ``probes``.
 
-    Standing in for the cluster, it also serves the capacity route (:mod:`router.capacity`) at
-    :data:`CAPACITY_PATH` while ``capacity`` is set (a plain 404 otherwise, as Serve's proxy answers
-    a route it does not have): ``capacity`` is the ``models`` mapping it answers, and a wake-up call
-    is recorded in ``wakes`` and held until ``capacity`` shows a running replica of its model or its
-    ``hold_s`` passes.
+    Standing in for the cluster, it also serves the capacity route at :data:`CAPACITY_PATH`
+    (:class:`~router.testing.capacity.CapacityRoute`).
     """
 
     def __init__(
@@ -142,6 +94,7 @@ class FakeUpstream:
         models: Sequence[str] = ("fake-model",),
         prefixes: Sequence[str] = ("",),
     ) -> None:
+        super().__init__()
         self.name = name
         self.prefixes = tuple(prefixes)
         """Path prefixes the API is served under (``/m1``: ``/m1/v1/...``, as the cluster's direct path)."""
@@ -151,11 +104,6 @@ class FakeUpstream:
         self.models_hang = False
         """``GET /v1/models`` never answers (until the client leaves or the fake stops)."""
         self.probes = 0
-        self.capacity: dict[str, dict[str, int]] | None = None
-        self.capacity_reads = 0
-        self.wakes: list[str] = []
-        self.wake_status = 200
-        """Status of a wake-up call; another one answers at once with an OpenAI error."""
         self.requests: list[Received] = []
         self.port = port
         self._script: collections.deque[Behavior] = collections.deque()
@@ -185,7 +133,7 @@ class FakeUpstream:
 
     def start(self) -> None:
         """Serve in a background thread; return once the port is bound."""
-        logging.getLogger("uvicorn.error").addFilter(_QUIET_CUTS)
+        logging.getLogger("uvicorn.error").addFilter(QUIET_CUTS)
         config = uvicorn.Config(self, host="127.0.0.1", port=self.port, lifespan="off",
                                 log_level="warning", access_log=False, timeout_graceful_shutdown=5)
         self._thread = ServerThread(config, f"fake upstream {self.name}", main=self._serve)
@@ -234,54 +182,26 @@ class FakeUpstream:
                 return
             data = [{"id": m, "object": "model", "created": 0, "owned_by": self.name} for m in self.models]
             ok = self.models_status == 200
-            body = json.dumps({"object": "list", "data": data}).encode() if ok else _error(
+            body = json.dumps({"object": "list", "data": data}).encode() if ok else error_body(
                 self.models_status, f"{self.name}: models unavailable")
-            await _send_body(send, self.models_status, body)
+            await send_body(send, self.models_status, body)
             return
         kind = _ENDPOINTS.get(path)
         if kind is None or method != "POST":
             status = 404 if kind is None else 405
-            await _send_body(send, status, _error(status, f"{method} {scope['path']} is not served here"))
+            await send_body(send, status, error_body(status, f"{method} {scope['path']} is not served here"))
             return
         await self._inference(kind, scope, receive, send)
-
-    async def _capacity(self, path: str, method: str, receive: Receive, send: Send) -> None:
-        assert self.capacity is not None
-        if path == CAPACITY_PATH and method == "GET":
-            self.capacity_reads += 1
-            await _send_body(send, 200, json.dumps({"models": self.capacity}).encode())
-            return
-        if path != f"{CAPACITY_PATH}/{WAKE}" or method != "POST":
-            await _send_body(send, 404, _error(404, f"{method} {path} is not served here"))
-            return
-        call = json.loads(await _read_body(receive))
-        model, hold_s = call["model"], float(call["hold_s"])
-        self.wakes.append(model)
-        if self.wake_status != 200:
-            await _send_body(send, self.wake_status, _error(self.wake_status, f"{self.name}: scripted"))
-            return
-
-        async def hold() -> None:
-            end = time.monotonic() + hold_s
-            # `capacity` is set by the test's own thread: poll it (an asyncio.Event is not thread-safe).
-            while time.monotonic() < end and not self._running(model):  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
-
-        if await self._until_gone(hold(), receive) == "done":
-            await _send_body(send, 200, json.dumps({"model": model, RUNNING: self._running(model)}).encode())
-
-    def _running(self, model: str) -> bool:
-        return bool((self.capacity or {}).get(model, {}).get(RUNNING))
 
     async def _hang(self, receive: Receive) -> None:
         """Answer nothing until the client leaves or the fake stops (then drop the connection)."""
         if await self._until_gone(asyncio.get_running_loop().create_future(), receive) == "closing":
-            raise _Cut(f"fake upstream {self.name} stopping")
+            raise Cut(f"fake upstream {self.name} stopping")
 
     async def _until_gone(self, work: Awaitable[None], receive: Receive) -> str:
         """Run `work` until it ends, the client leaves or the fake stops: ``done``, ``gone`` or ``closing``.
 
-        `work` is cancelled unless it ended; its exception (e.g. a _Cut) propagates.
+        `work` is cancelled unless it ended; its exception (e.g. a Cut) propagates.
         """
         assert self._closing is not None
         answer = asyncio.ensure_future(work)
@@ -302,7 +222,7 @@ class FakeUpstream:
         return "gone" if gone.done() else "closing"
 
     async def _inference(self, kind: str, scope: Scope, receive: Receive, send: Send) -> None:
-        raw = await _read_body(receive)
+        raw = await read_body(receive)
         try:
             body: Any = json.loads(raw)
         except ValueError:
@@ -313,14 +233,14 @@ class FakeUpstream:
         received = Received(scope["method"], scope["path"], headers, raw, body, stream)
         self.requests.append(received)
         behavior = self._script.popleft() if self._script else self.default
-        # A _Cut from the answer propagates to uvicorn, which then drops the connection.
+        # A Cut from the answer propagates to uvicorn, which then drops the connection.
         outcome = await self._until_gone(self._answer(kind, behavior, request, received, send), receive)
         if outcome == "done":
             return
         if outcome == "gone" and not received.completed:
             self._note_disconnect(received)
             return
-        raise _Cut(f"fake upstream {self.name} stopping")
+        raise Cut(f"fake upstream {self.name} stopping")
 
     async def _answer(self, kind: str, behavior: Behavior, request: dict[str, Any], received: Received,
                       send: Send) -> None:
@@ -329,16 +249,16 @@ class FakeUpstream:
         if behavior.delay_before_headers_s:
             await asyncio.sleep(behavior.delay_before_headers_s)
         if behavior.body is not None or behavior.status != 200:
-            body = behavior.body or _error(behavior.status, f"{self.name}: scripted {behavior.status}")
+            body = behavior.body or error_body(behavior.status, f"{self.name}: scripted {behavior.status}")
             received.completed = True
-            await _send_body(send, behavior.status, body, behavior.headers)
+            await send_body(send, behavior.status, body, behavior.headers)
         elif received.stream:
             await self._stream(kind, behavior, request, received, send)
         else:
             if behavior.chunk_delay_s:
                 await asyncio.sleep(behavior.chunk_delay_s * behavior.chunks)
             received.completed = True
-            await _send_body(send, 200, self._complete(kind, behavior, request), behavior.headers)
+            await send_body(send, 200, self._complete(kind, behavior, request), behavior.headers)
 
     def _complete(self, kind: str, behavior: Behavior, request: dict[str, Any]) -> bytes:
         model, n = request.get("model", "fake-model"), len(self.requests)
@@ -385,15 +305,15 @@ class FakeUpstream:
             choice["finish_reason"] = finish
             return prefix + json.dumps(choice).encode() + tail
 
-        headers = [*_headers("text/event-stream", behavior.headers), (b"cache-control", b"no-cache")]
+        headers = [*response_headers("text/event-stream", behavior.headers), (b"cache-control", b"no-cache")]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         for i in range(behavior.chunks):
             if behavior.cut_after is not None and i >= behavior.cut_after:
-                raise _Cut("scripted cut")
+                raise Cut("scripted cut")
             if behavior.stall_after is not None and i >= behavior.stall_after:
                 await asyncio.Future()
             if behavior.error_after is not None and i >= behavior.error_after:
-                error = json.loads(_error(500, f"{self.name}: scripted error event"))
+                error = json.loads(error_body(500, f"{self.name}: scripted error event"))
                 received.completed = True
                 await send({"type": "http.response.body", "body": b"data: " + json.dumps(error).encode()
                             + b"\n\ndata: [DONE]\n\n"})
@@ -403,7 +323,7 @@ class FakeUpstream:
             await send({"type": "http.response.body", "body": event(f"tok{i} ", first=i == 0),
                         "more_body": True})
         if behavior.cut_after is not None:
-            raise _Cut("scripted cut")
+            raise Cut("scripted cut")
         end = [event(None, finish="stop")]
         if usage:
             end.append(prefix + b'], "usage": ' + json.dumps(_usage(behavior.chunks)).encode() + b"}\n\n")
